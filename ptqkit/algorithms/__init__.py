@@ -1,0 +1,5 @@
+"""Built-in algorithms; importing this package registers them."""
+from . import rtn  # noqa: F401
+from .base import Algorithm, Quantizer, QuantizerConfig, Transform
+
+__all__ = ["Algorithm", "Quantizer", "QuantizerConfig", "Transform"]

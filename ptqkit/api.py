@@ -1,0 +1,92 @@
+"""The public API: quantize, evaluate, save, load (thin glue over the modules)."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import formats
+from .calibration.runner import run
+from .config import MethodSpec, build_recipe, recipe_to_list
+from .models import find_blocks
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHOD = "rtn"
+
+
+def quantize(
+    model: nn.Module,
+    method: MethodSpec = DEFAULT_METHOD,
+    tokenizer: Any = None,
+    calibration: Any = "builtin",
+    num_samples: int = 128,
+    seqlen: int = 512,
+    seed: int = 0,
+    ignore: list[str] | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 8,
+    pipeline: str = "sequential",
+    offload_activations: bool = False,
+    **options: Any,
+) -> nn.Module:
+    """Quantize ``model`` in place with a method or recipe; returns the same model object.
+
+    Every linear of the decoder blocks is replaced by a quantized module, except those matched
+    by ``ignore`` (full names, or ``re:`` regexes); ``lm_head`` and embeddings stay as they are.
+    ``options`` go to every recipe step whose config has a field of that name (``bits``,
+    ``group_size``, ``sym``, ``act_order``, ``alpha``, ...); a name no step takes is an error.
+    """
+    steps = build_recipe(method, options)
+    find_blocks(model)  # fail early on a model without decoder blocks
+    calib = None
+    t0 = time.perf_counter()
+    if any(s.needs_data for s in steps):
+        from .calibration.data import CalibrationSet, load_calibration
+
+        calib = calibration if isinstance(calibration, CalibrationSet) else load_calibration(
+            calibration, tokenizer, num_samples=num_samples, seqlen=seqlen, seed=seed)
+    torch.manual_seed(seed)
+    info = run(model, calib, steps, ignore=ignore, device=device, batch_size=batch_size,
+               pipeline=pipeline, offload_activations=offload_activations)
+    wall = time.perf_counter() - t0
+    name = method if isinstance(method, str) else "+".join(s.name for s in steps)
+    model.ptqkit_info = {
+        "method": name,
+        "recipe": recipe_to_list(steps),
+        "config": {"num_samples": num_samples, "seqlen": seqlen, "seed": seed, "ignore": ignore,
+                   "pipeline": pipeline, "batch_size": batch_size,
+                   "calibration": calibration if isinstance(calibration, str) else type(calibration).__name__},
+        "calibration_fingerprint": calib.fingerprint if calib is not None else None,
+        "timings": {"quantize_s": wall, **{k: v for k, v in info.items() if k.endswith("_s")}},
+        "blocks": info.get("blocks", []),
+        "layers": {k: v for s in steps for k, v in s.stats.items()},
+    }
+    log.info("quantized with %s in %.1fs", name, wall)
+    return model
+
+
+def save(model: nn.Module, path: str | os.PathLike, format: str = "native", tokenizer: Any = None, **kw: Any) -> Path:
+    """Write a (quantized) model to ``path`` atomically in ``format``."""
+    return formats.save(model, path, format=format, tokenizer=tokenizer, **kw)
+
+
+def load(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
+    """Load a quantized checkpoint written by :func:`save` (or another tool, where supported)."""
+    return formats.load(path, device=device)
+
+
+def model_size_mb(model: nn.Module) -> float:
+    """Bytes of all parameters and buffers (shared storage counted once), in MB."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.numel() * t.element_size()
+    return total / 2**20

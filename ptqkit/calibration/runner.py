@@ -1,0 +1,315 @@
+"""Layer-wise sequential calibration pipeline (DESIGN.md, "Calibration runner").
+
+For each decoder block, one at a time on the execution device:
+
+1. every transform step (AWQ, SmoothQuant) observes the block's linears over a forward pass of
+   all calibration batches, then rewrites weights with ``apply(block, ctx)``;
+2. the quantizer step runs **one** forward pass in which every batch pauses at each linear until
+   all batches have reached it; the quantizer then quantizes that linear from the statistics of all
+   batches and the batches go on through the quantized layer. So each linear is calibrated on
+   inputs produced by its already-quantized predecessors (GPTQ's "true sequential", per layer),
+   and the block's quantized outputs come out of the same pass: no second forward.
+   The batches are threads that take turns under one lock (only one computes at a time); they
+   hold the block's intermediate activations meanwhile. ``pipeline="two-pass"`` is the classic,
+   lower-memory alternative: observe all linears with fp weights, quantize, then re-run.
+3. the outputs become the next block's inputs.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..algorithms.base import Algorithm, Quantizer, Transform
+from ..models import Architecture, architecture, find_blocks, find_linears, set_submodule
+from .data import CalibrationSet
+
+log = logging.getLogger(__name__)
+
+PIPELINES = ("sequential", "two-pass")
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """Move tensors nested in tuples/lists/dicts to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class BlockContext:
+    """What ``Transform.apply`` may use: the block's calibration inputs and how to run it."""
+
+    index: int
+    prefix: str                              # full name of the block, e.g. "model.layers.3"
+    linears: dict[str, nn.Linear]            # quantizable linears of the block (ignore applied)
+    inputs: list[torch.Tensor]               # hidden states per batch [b, L, H]
+    kwargs: list[dict[str, Any]]             # keyword arguments per batch (masks, rotary, ...)
+    device: torch.device
+    arch: Architecture
+    qargs: Any                               # the quantizer's config (bits, group_size, sym, ...)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def forward(self, block: nn.Module, batches: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Run ``block`` on the calibration inputs (all batches, or the chosen ones)."""
+        idx = range(len(self.inputs)) if batches is None else batches
+        return [block_output(block(to_device(self.inputs[i], self.device), **to_device(self.kwargs[i], self.device)))
+                for i in idx]
+
+
+class _Caught(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.args: list[tuple[torch.Tensor, dict]] = []
+
+    def forward(self, *args: Any, **kwargs: Any) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_value", None)
+        kwargs["use_cache"] = False
+        self.args.append((hidden, kwargs))
+        raise _Caught
+
+
+@torch.no_grad()
+def capture_inputs(
+    model: nn.Module, calib: CalibrationSet, blocks_path: str, device: torch.device, batch_size: int,
+    store: torch.device,
+) -> tuple[list[torch.Tensor], list[dict]]:
+    """Inputs and keyword arguments of the first decoder block for every calibration batch.
+
+    The blocks are swapped for a catcher, the rest of the model (embeddings, rotary) moves to
+    ``device`` for the capture and back afterwards.
+    """
+    parent_name, _, attr = blocks_path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    blocks = getattr(parent, attr)
+    catcher = _Catcher()
+    setattr(parent, attr, nn.ModuleList([catcher]))
+    home = next(model.parameters()).device
+    try:
+        model.to(device)
+        for ids in calib.ids.split(batch_size):
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _Caught:
+                pass
+    finally:
+        setattr(parent, attr, blocks)
+        model.to(home)
+    if len(catcher.args) != -(-len(calib.ids) // batch_size):
+        raise RuntimeError("the model never called its first decoder block: cannot capture calibration inputs")
+    return [h.to(store) for h, _ in catcher.args], [to_device(kw, store) for _, kw in catcher.args]
+
+
+class _Sequencer:
+    """Batch threads take turns (one lock); each pauses at every wrapped linear until no thread
+    can run any more, then every linear someone waits at is quantized and they all go on.
+
+    For a dense block this is a barrier per linear; for routed layers (MoE) that some batches
+    never reach it still makes progress.
+    """
+
+    def __init__(self, quantizer: Quantizer, n: int, observe_only: bool = False) -> None:
+        self.q, self.n, self.observe_only = quantizer, n, observe_only
+        self.cond = threading.Condition()
+        self.running = 0
+        self.waiting: dict[str, "_Wrapped"] = {}
+        self.error: BaseException | None = None
+
+    def _release(self) -> None:
+        for w in list(self.waiting.values()):
+            w.quantize()
+        self.waiting.clear()
+        self.cond.notify_all()
+
+    def arrive(self, w: "_Wrapped", x: torch.Tensor) -> None:
+        self.q.observe(w.name, w.inner, x, None)
+        if self.observe_only or w.done:
+            return
+        self.waiting[w.name] = w
+        self.running -= 1
+        if self.running == 0:
+            self._release()
+        else:
+            self.cond.wait_for(lambda: w.done or self.error is not None)
+        self.running += 1
+        if self.error is not None:
+            raise RuntimeError("another calibration batch failed") from self.error
+
+    def run(self, fn: Callable[[int], torch.Tensor], count: int) -> list[torch.Tensor]:
+        results: list[Any] = [None] * count
+        self.running = count  # threads not yet started count as running: no barrier opens early
+
+        def work(i: int) -> None:
+            with self.cond:
+                try:
+                    with torch.no_grad():
+                        results[i] = fn(i)
+                except BaseException as e:  # noqa: BLE001 - handed to the main thread below
+                    self.error = self.error or e
+                finally:
+                    self.running -= 1
+                    if self.running == 0 and self.waiting and self.error is None:
+                        self._release()
+                    self.cond.notify_all()
+
+        if self.observe_only or count == 1:
+            for i in range(count):
+                work(i)
+        else:
+            with self.cond:  # start all threads before any runs, so barriers count them all
+                threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(count)]
+                for t in threads:
+                    t.start()
+            for t in threads:
+                t.join()
+        if self.error is not None:
+            raise self.error
+        return results
+
+
+class _Wrapped(nn.Module):
+    """Stands in for a linear during the quantizer pass; becomes its quantized replacement."""
+
+    def __init__(self, name: str, inner: nn.Module, seq: _Sequencer) -> None:
+        super().__init__()
+        self.name, self.inner, self.seq, self.done = name, inner, seq, False
+
+    def quantize(self) -> None:
+        t = time.perf_counter()
+        self.inner = self.seq.q.quantize(self.name, self.inner)
+        self.seq.q.stats.setdefault(self.name, {})["quantize_s"] = time.perf_counter() - t
+        self.done = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seq.arrive(self, x)
+        return self.inner(x)
+
+
+def _observe_pass(step: Transform, block: nn.Module, prefix: str, linears: dict[str, nn.Linear],
+                  ctx: BlockContext) -> None:
+    def hook(name: str) -> Callable:
+        return lambda mod, args, out: step.observe(prefix + name, mod, args[0], out)
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+    try:
+        with torch.no_grad():
+            ctx.forward(block)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _quantize_pass(q: Quantizer, block: nn.Module, prefix: str, linears: dict[str, nn.Linear],
+                   ctx: BlockContext, pipeline: str) -> list[torch.Tensor]:
+    """Quantize the block's linears and return its quantized outputs per batch."""
+    n = len(ctx.inputs)
+
+    def fwd(i: int) -> torch.Tensor:
+        h = to_device(ctx.inputs[i], ctx.device)
+        return block_output(block(h, **to_device(ctx.kwargs[i], ctx.device))).to(ctx.inputs[i].device)
+
+    seq = _Sequencer(q, n, observe_only=pipeline == "two-pass")
+    wrapped = {name: _Wrapped(prefix + name, m, seq) for name, m in linears.items()}
+    for name, w in wrapped.items():
+        set_submodule(block, name, w)
+    try:
+        outs = seq.run(fwd, n)
+        if pipeline == "two-pass":
+            for w in wrapped.values():
+                w.quantize()
+            outs = [fwd(i) for i in range(n)]
+        for w in wrapped.values():  # linears no batch reached (e.g. unrouted experts): data-free
+            if not w.done:
+                log.warning("%s saw no calibration input; quantized without statistics", w.name)
+                w.quantize()
+    finally:
+        for name, w in wrapped.items():
+            set_submodule(block, name, w.inner)
+    return outs
+
+
+def quantize_data_free(model: nn.Module, quantizer: Quantizer, ignore: list[str] | None) -> None:
+    """Quantize every linear of the decoder blocks without calibration data (RTN)."""
+    path, blocks = find_blocks(model)
+    for i, block in enumerate(tqdm(blocks, desc=f"{quantizer.name}: blocks", unit="block")):
+        prefix = f"{path}.{i}."
+        for name, m in find_linears(block, ignore, prefix).items():
+            set_submodule(block, name, quantizer.quantize(prefix + name, m))
+
+
+def run(
+    model: nn.Module,
+    calib: CalibrationSet | None,
+    steps: Sequence[Algorithm],
+    ignore: list[str] | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 8,
+    pipeline: str = "sequential",
+    offload_activations: bool = False,
+) -> dict[str, Any]:
+    """Apply a recipe (transforms then one quantizer) block by block; returns timing facts.
+
+    ``device``: where each block runs (default: where the model is). ``offload_activations``
+    keeps block inputs on the host between blocks (for models bigger than the device).
+    """
+    if pipeline not in PIPELINES:
+        raise ValueError(f"pipeline={pipeline!r}: choose one of {PIPELINES}")
+    *transforms, quantizer = steps
+    if not isinstance(quantizer, Quantizer) or not all(isinstance(t, Transform) for t in transforms):
+        raise ValueError("a recipe is transforms followed by exactly one quantizer")
+    if not getattr(quantizer.config, "true_sequential", True):
+        pipeline = "two-pass"  # every linear observed with fp predecessors, as in GPTQ without true-sequential
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    info: dict[str, Any] = {"blocks": [], "pipeline": pipeline}
+    if not any(s.needs_data for s in steps):
+        t = time.perf_counter()
+        quantize_data_free(model, quantizer, ignore)
+        info["quantize_s"] = time.perf_counter() - t
+        return info
+    if calib is None:
+        raise ValueError(f"{[s.name for s in steps]} need calibration data: pass calibration=...")
+
+    path, blocks = find_blocks(model)
+    arch = architecture(model)
+    store = torch.device("cpu") if offload_activations else device
+    t0 = time.perf_counter()
+    inputs, kwargs = capture_inputs(model, calib, path, device, batch_size, store)
+    info["capture_s"] = time.perf_counter() - t0
+    for i, block in enumerate(tqdm(blocks, desc=f"{'+'.join(s.name for s in steps)}: blocks", unit="block")):
+        tb = time.perf_counter()
+        prefix = f"{path}.{i}."
+        block.to(device)
+        linears = find_linears(block, ignore, prefix)
+        ctx = BlockContext(i, prefix[:-1], linears, inputs, kwargs, device, arch, quantizer.config)
+        for t in transforms:
+            _observe_pass(t, block, prefix, linears, ctx)
+            t.apply(block, ctx)
+            linears = find_linears(block, ignore, prefix)  # a transform may have replaced modules
+            ctx.linears = linears
+        inputs = _quantize_pass(quantizer, block, prefix, linears, ctx, pipeline)
+        block.to(home)
+        info["blocks"].append({"index": i, "seconds": time.perf_counter() - tb})
+        log.debug("block %d done in %.2fs", i, info["blocks"][-1]["seconds"])
+    info["quantize_s"] = time.perf_counter() - t0
+    return info

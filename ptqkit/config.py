@@ -1,0 +1,106 @@
+"""Recipes: ordered algorithm steps (transforms, then one quantizer) built from names, dicts or YAML.
+
+Option routing (DESIGN.md): a keyword option goes to every step whose config has a field of
+that name; a name no step takes is an error. Per-step options come as dicts:
+``[{"method": "smoothquant", "alpha": 0.8}, {"method": "gptq"}]``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+from .algorithms.base import Algorithm, Quantizer, Transform
+from .registry import get_algorithm
+
+StepSpec = Union[str, dict]
+MethodSpec = Union[str, Sequence[StepSpec]]
+
+
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls.Config)}
+
+
+def _load_yaml(path: str) -> list[StepSpec]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"recipe file {path!r} does not exist")
+    data = yaml.safe_load(p.read_text())
+    if isinstance(data, dict):
+        data = data.get("recipe", data.get("steps"))
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{path}: a recipe file holds a non-empty list of steps (or a 'recipe:' key with one)")
+    return data
+
+
+def _normalize(method: MethodSpec) -> list[dict]:
+    """Any method spec -> list of ``{"method": name, **options}`` dicts."""
+    if isinstance(method, str):
+        if method.endswith((".yaml", ".yml")):
+            return _normalize(_load_yaml(method))
+        return [{"method": method}]
+    if not isinstance(method, (list, tuple)) or not method:
+        raise ValueError(f"method must be a name, a YAML path or a non-empty list of steps, got {method!r}")
+    steps = []
+    for i, s in enumerate(method):
+        if isinstance(s, str):
+            steps.append({"method": s})
+        elif isinstance(s, dict) and isinstance(s.get("method"), str):
+            steps.append(dict(s))
+        else:
+            raise ValueError(f"recipe step {i}: expected a method name or a dict with a 'method' key, got {s!r}")
+    return steps
+
+
+def build_recipe(method: MethodSpec, options: dict[str, Any] | None = None) -> list[Algorithm]:
+    """Instantiate the steps of a recipe with their configs, validating order and options.
+
+    A transform with no quantizer after it gets ``rtn`` appended (``"awq"`` = AWQ then RTN).
+    """
+    options = dict(options or {})
+    specs = _normalize(method)
+    classes = [get_algorithm(s["method"]) for s in specs]
+    kinds = [c.kind for c in classes]
+    if kinds.count("quantizer") > 1:
+        names = [c.name for c in classes if c.kind == "quantizer"]
+        raise ValueError(f"a recipe takes one quantizer, got {names}: keep the last and drop the others")
+    if "quantizer" in kinds and kinds.index("quantizer") != len(kinds) - 1:
+        after = [c.name for c in classes[kinds.index("quantizer") + 1:]]
+        raise ValueError(f"transform(s) {after} come after the quantizer: put transforms first")
+    if "quantizer" not in kinds:
+        specs.append({"method": "rtn"})
+        classes.append(get_algorithm("rtn"))
+
+    unknown = set(options) - set().union(*(_fields(c) for c in classes))
+    if unknown:
+        valid = sorted(set().union(*(_fields(c) for c in classes)))
+        raise ValueError(
+            f"option(s) {sorted(unknown)} are not taken by any step of {[c.name for c in classes]}; valid options: {valid}"
+        )
+    implied: dict[str, Any] = {}
+    for c in classes:
+        if issubclass(c, Transform):
+            implied.update(c.quantizer_defaults)
+
+    steps: list[Algorithm] = []
+    for spec, cls in zip(specs, classes):
+        own = {k: v for k, v in spec.items() if k != "method"}
+        bad = set(own) - _fields(cls)
+        if bad:
+            raise ValueError(f"step {cls.name!r}: unknown option(s) {sorted(bad)}; valid: {sorted(_fields(cls))}")
+        kw = {k: v for k, v in implied.items() if issubclass(cls, Quantizer) and k in _fields(cls)}
+        kw.update({k: v for k, v in options.items() if k in _fields(cls)})
+        kw.update(own)
+        try:
+            config = cls.Config(**kw)
+        except TypeError as e:
+            raise ValueError(f"step {cls.name!r}: {e}") from e
+        steps.append(cls(config))
+    return steps
+
+
+def recipe_to_list(steps: Sequence[Algorithm]) -> list[dict[str, Any]]:
+    """Serializable form of a built recipe (every option, defaults included)."""
+    return [s.to_dict() for s in steps]

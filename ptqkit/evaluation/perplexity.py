@@ -1,0 +1,150 @@
+"""Perplexity, KL divergence from a baseline and top-1 agreement, in one pass over the windows.
+
+Protocol (DESIGN.md, "Evaluation protocol"): the token stream is cut into non-overlapping
+windows of ``seqlen`` tokens (the ragged tail is dropped); each window is one forward pass with
+no context carried over; every position but the last predicts the next token, so a window
+scores ``seqlen - 1`` tokens. ppl = exp(mean NLL over all scored tokens). KL(baseline || model)
+and top-1 agreement are averaged over the same positions.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256  # positions per log-softmax chunk: 256 x 49152 fp32 = 50 MB per tensor
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits ``[1, L, V]`` of a HF-style causal LM (or a module returning logits)."""
+    kwargs = {"use_cache": False} if hasattr(model, "config") else {}
+    out = model(ids, **kwargs)
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def _timed_logits(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    start = time.perf_counter()
+    logits = _logits(model, ids.to(_device_of(model)))
+    if logits.is_cuda:
+        torch.cuda.synchronize(logits.device)
+    return logits, time.perf_counter() - start
+
+
+def _safe_exp(x: float) -> float:
+    return math.exp(x) if x < 700 else math.inf
+
+
+def max_context(model: nn.Module) -> int | None:
+    """The model's maximum sequence length from its config, if it states one."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def evaluate_windows(
+    model: nn.Module,
+    ids_1d: torch.Tensor,
+    seqlen: int = 2048,
+    baseline: nn.Module | None = None,
+    max_windows: int | None = None,
+    device: str | torch.device | None = None,
+    dataset: str = "ids",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score ``model`` (and ``baseline`` on the same windows) on the token stream ``ids_1d [T]``.
+
+    Returns plain floats: ``ppl``, ``nll``, ``ppl_fp`` / ``kl`` / ``top1`` (``None`` without a
+    baseline), ``timings`` (seconds in each model's forward passes) and ``protocol`` (dataset,
+    seqlen, windows, tokens, scored tokens, dropped tail). ``device`` moves the models there;
+    by default each runs where its parameters are.
+    """
+    if ids_1d.dim() != 1:
+        raise ValueError(f"evaluation ids must be 1-D [T], got shape {tuple(ids_1d.shape)}")
+    limit = max_context(model)
+    if limit is not None and limit < seqlen:
+        log.info("seqlen %d exceeds the model's maximum %d; using %d", seqlen, limit, limit)
+        seqlen = limit
+    if seqlen < 2:
+        raise ValueError(f"seqlen={seqlen} must be at least 2 (one token to predict)")
+    total = ids_1d.numel()
+    windows = total // seqlen
+    if windows == 0:
+        raise ValueError(f"evaluation text has {total} tokens, fewer than one window of seqlen={seqlen}")
+    if max_windows is not None:
+        windows = min(windows, max_windows)
+    if device is not None:
+        model.to(device)
+        if baseline is not None:
+            baseline.to(device)
+
+    models = [model] if baseline is None else [model, baseline]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    nll_q = nll_fp = kl = 0.0
+    agree = 0
+    time_q = time_fp = 0.0
+    ids = ids_1d[: windows * seqlen].to(torch.long).view(windows, seqlen)  # [T'] -> [W, L]
+    try:
+        with torch.inference_mode():
+            for w in tqdm(range(windows), desc="eval", unit="window", disable=not progress):
+                x = ids[w : w + 1]  # [1, L]
+                logits_q, dt = _timed_logits(model, x)
+                time_q += dt
+                logits_fp = None
+                if baseline is not None:
+                    logits_fp, dt = _timed_logits(baseline, x)
+                    time_fp += dt
+                target = x[0, 1:].to(logits_q.device)  # [L-1]
+                for s in range(0, seqlen - 1, CHUNK):
+                    e = min(s + CHUNK, seqlen - 1)
+                    lq = F.log_softmax(logits_q[0, s:e].float(), dim=-1)  # [c, V]
+                    nll_q -= lq.gather(1, target[s:e, None]).sum().item()
+                    if logits_fp is None:
+                        continue
+                    lfp = F.log_softmax(logits_fp[0, s:e].float().to(lq.device), dim=-1)  # [c, V]
+                    nll_fp -= lfp.gather(1, target[s:e, None]).sum().item()
+                    # KL(fp || q) = sum_v p_fp (log p_fp - log p_q), summed over positions
+                    kl += F.kl_div(lq, lfp, log_target=True, reduction="sum").item()
+                    agree += (lq.argmax(-1) == lfp.argmax(-1)).sum().item()
+    finally:
+        for m, mode in zip(models, was_training):
+            m.train(mode)
+
+    scored = windows * (seqlen - 1)
+    result: dict[str, Any] = {
+        "ppl": _safe_exp(nll_q / scored),
+        "nll": nll_q / scored,
+        "ppl_fp": None,
+        "kl": None,
+        "top1": None,
+        "timings": {"eval_model_s": time_q},
+        "protocol": {
+            "dataset": dataset,
+            "seqlen": seqlen,
+            "windows": windows,
+            "tokens": windows * seqlen,
+            "scored_tokens": scored,
+            "dropped_tokens": total - windows * seqlen,
+            "stride": seqlen,
+        },
+    }
+    if baseline is not None:
+        result["ppl_fp"] = _safe_exp(nll_fp / scored)
+        result["kl"] = max(kl / scored, 0.0)  # rounding can leave a tiny negative sum
+        result["top1"] = agree / scored
+        result["timings"]["eval_baseline_s"] = time_fp
+    return result

@@ -1,0 +1,119 @@
+"""The evaluation report: what was run, on what, with which numbers, and how long it took."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak host RSS (``ru_maxrss``) and, when CUDA is in use, peak CUDA allocation, in MiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = {"host_rss": rss / (1024**2 if sys.platform == "darwin" else 1024)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_allocated"] = torch.cuda.max_memory_allocated() / 1024**2
+    return out
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of the libraries that shape the numbers."""
+    ptqkit_version = _version("ptqkit")
+    if ptqkit_version is None:
+        import ptqkit
+
+        ptqkit_version = getattr(ptqkit, "__version__", None)
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "ptqkit": ptqkit_version,
+    }
+
+
+def _fmt(x: float | None, spec: str = ".4f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+@dataclass
+class Report:
+    """One evaluation: fp (baseline) vs quantized numbers under a recorded protocol."""
+
+    model: str
+    method: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    calibration_fingerprint: str | None = None
+    protocol: dict[str, Any] = field(default_factory=dict)
+    ppl_fp: float | None = None
+    ppl_q: float | None = None
+    delta: float | None = None  # ppl_q - ppl_fp
+    delta_pct: float | None = None  # 100 * delta / ppl_fp
+    kl: float | None = None  # mean KL(fp || quantized) per token, nats
+    top1: float | None = None  # share of tokens where both models pick the same top-1
+    timings: dict[str, float] = field(default_factory=dict)  # name -> seconds
+    peak_memory_mb: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str | None] = field(default_factory=versions)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Report":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        """The report as JSON; with ``path``, also written atomically (temp file, then rename)."""
+        text = json.dumps(self.to_dict(), indent=2, default=str)
+        if path is not None:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(text + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        return text
+
+    def to_markdown(self) -> str:
+        """A small table (fp | quantized | Δ | Δ% | KL | top-1) plus protocol and timing lines."""
+        top1 = None if self.top1 is None else 100 * self.top1
+        lines = [
+            f"### {self.model}" + (f" · {self.method}" if self.method else ""),
+            "",
+            "| ppl fp | ppl quantized | Δ | Δ% | KL | top-1 |",
+            "|---:|---:|---:|---:|---:|---:|",
+            f"| {_fmt(self.ppl_fp)} | {_fmt(self.ppl_q)} | {_fmt(self.delta, '+.4f')} "
+            f"| {_fmt(self.delta_pct, '+.2f')} | {_fmt(self.kl, '.5f')} | {_fmt(top1, '.2f')}% |",
+            "",
+            "protocol: " + ", ".join(f"{k}={v}" for k, v in self.protocol.items()),
+        ]
+        if self.calibration_fingerprint:
+            lines.append(f"calibration: {self.calibration_fingerprint[:16]}")
+        if self.timings:
+            lines.append("timings: " + ", ".join(f"{k}={v:.2f}s" for k, v in self.timings.items()))
+        if self.peak_memory_mb:
+            lines.append("peak memory: " + ", ".join(f"{k}={v:.0f} MiB" for k, v in self.peak_memory_mb.items()))
+        lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in self.versions.items()))
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,114 @@
+"""Quantized linear layers: weight-only ``QuantLinear`` and int8 ``QuantLinearW8A8``."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import kernels
+from .kernels import reference
+from .packing import pack, packed_rows, unpack
+from .quant import num_groups
+
+
+class QuantLinear(nn.Module):
+    """Weight-only quantized linear (W{2..8}A16).
+
+    Buffers: ``qweight`` int32 ``[ceil(K*bits/32), N]`` (codes packed along K), ``scales [G, N]``
+    in the activation dtype, ``zeros`` uint8 ``[G, N]``, optional ``perm`` int32 ``[K]`` (act-order:
+    stored row ``j`` is input column ``perm[j]``; groups are contiguous in stored order) and ``bias``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool = False,
+        act_order: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        self.group_len = in_features if group_size == -1 else min(group_size, in_features)
+        g = num_groups(in_features, self.group_len)
+        kw = dict(device=device)
+        self.register_buffer("qweight", torch.zeros(packed_rows(in_features, bits), out_features, dtype=torch.int32, **kw))
+        self.register_buffer("scales", torch.zeros(g, out_features, dtype=dtype, **kw))
+        self.register_buffer("zeros", torch.zeros(g, out_features, dtype=torch.uint8, **kw))
+        self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, **kw) if act_order else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
+
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        bits: int,
+        group_size: int,
+        bias: torch.Tensor | None = None,
+        perm: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> "QuantLinear":
+        """Build from ``codes [N, K]`` and ``scales/zeros [N, G]`` (all in stored column order)."""
+        n, k = codes.shape
+        layer = cls(k, n, bits, group_size, bias=bias is not None, act_order=perm is not None,
+                    dtype=dtype, device=codes.device)
+        layer.qweight.copy_(pack(codes.t(), bits))
+        layer.scales.copy_(scales.t().to(dtype))
+        layer.zeros.copy_(zeros.t().to(torch.uint8))
+        if perm is not None:
+            layer.perm.copy_(perm.to(torch.int32))
+        if bias is not None:
+            layer.bias.copy_(bias.detach().to(dtype))
+        return layer
+
+    def codes(self) -> torch.Tensor:
+        """Integer codes ``[N, K]`` in stored column order."""
+        return unpack(self.qweight, self.bits, self.in_features).t()
+
+    def dequantize(self) -> torch.Tensor:
+        """The effective float weight ``[N, K]`` in the original input-column order."""
+        w = reference.dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_len, self.in_features)
+        w = w.t()                                                   # [N, K] stored order
+        if self.perm is not None:
+            out = torch.empty_like(w)
+            out[:, self.perm.long()] = w
+            return out
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fn = kernels.select(x.device, "wxa16")
+        return fn(x, self.qweight, self.scales, self.zeros, self.bits, self.group_len, self.perm, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, act_order={self.perm is not None}")
+
+
+class QuantLinearW8A8(nn.Module):
+    """int8 weights (symmetric, per output channel) and int8 activations (per-token dynamic or
+    per-tensor static); int8×int8→int32 GEMM with an fp32 scale epilogue."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, static: bool = False,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device) if static else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.float() * self.weight_scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fn = kernels.select(x.device, "w8a8")
+        return fn(x, self.qweight, self.weight_scale, self.bias, self.input_scale)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"activations={'static' if self.input_scale is not None else 'dynamic per-token'}")

@@ -1,0 +1,143 @@
+"""Uniform integer quantization math: quantization parameters, fake-quant, grouping.
+
+Conventions (shared by every algorithm, layer, kernel and checkpoint format):
+- codes are unsigned integers in ``[0, 2**bits - 1]``; ``w ≈ (code - zero) * scale``;
+- symmetric: ``scale = 2·max|w| / (2**bits - 1)``, ``zero = 2**(bits-1)`` (GPTQ's convention);
+- asymmetric: the range ``[min(w, 0), max(w, 0)]`` is split into ``2**bits - 1`` steps,
+  ``zero = round(-min / scale)`` (0 is always exactly representable);
+- groups run along the input dimension; the last group may be shorter (ragged).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class QuantArgs:
+    """Weight quantization arguments shared by all quantizers."""
+
+    bits: int = 4
+    group_size: int = 128  # -1: one group per output channel
+    sym: bool = True
+    mse: bool = False  # search a clipping ratio per group minimising the |w - q|^norm error
+    mse_grid: int = 100
+    mse_maxshrink: float = 0.8
+    mse_norm: float = 2.4
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"bits={self.bits!r} is not supported: use an integer from 2 to 8")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or (
+            self.group_size != -1 and self.group_size < 1
+        ):
+            raise ValueError(
+                f"group_size={self.group_size!r} is not valid: use -1 (per output channel) "
+                "or a positive group length such as 32, 64 or 128"
+            )
+        if not 0.0 < self.mse_maxshrink < 1.0:
+            raise ValueError(f"mse_maxshrink={self.mse_maxshrink} must lie in (0, 1)")
+        if self.mse_grid < 1:
+            raise ValueError(f"mse_grid={self.mse_grid} must be at least 1")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def group_len(self, in_features: int) -> int:
+        """Effective group length for a layer with ``in_features`` inputs."""
+        return in_features if self.group_size == -1 else min(self.group_size, in_features)
+
+
+def num_groups(in_features: int, group_len: int) -> int:
+    return math.ceil(in_features / group_len)
+
+
+def qparams_from_range(
+    xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point from a value range (any shape); ``xmin <= 0 <= xmax`` is enforced."""
+    maxq = 2**bits - 1
+    xmin = xmin.clamp(max=0)
+    xmax = xmax.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    degenerate = (xmax - xmin) == 0
+    xmin = torch.where(degenerate, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(degenerate, torch.ones_like(xmax), xmax)
+    scale = (xmax - xmin) / maxq
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes (as floats) of ``w`` under broadcastable ``scale``/``zero``."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Quantize then dequantize: ``(q - zero) * scale``."""
+    return (quantize_codes(w, scale, zero, maxq) - zero) * scale
+
+
+def find_qparams(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero ``[R]`` for ``w [R, C]``, with optional MSE clip search.
+
+    The clip search shrinks the range by ``p`` over a grid and keeps, per row, the ``p``
+    with the smallest ``sum |fake_quant(w) - w|^norm`` (as in GPTQ's reference code).
+    """
+    wf = w.float()
+    xmin, xmax = wf.min(dim=1).values, wf.max(dim=1).values
+    scale, zero = qparams_from_range(xmin, xmax, args.bits, args.sym)
+    if not args.mse:
+        return scale, zero
+    best = torch.full_like(scale, float("inf"))
+    for i in range(int(args.mse_maxshrink * args.mse_grid)):
+        p = 1 - i / args.mse_grid
+        s, z = qparams_from_range(p * xmin, p * xmax, args.bits, args.sym)
+        err = (fake_quant(wf, s[:, None], z[:, None], args.maxq) - wf).abs_().pow_(args.mse_norm).sum(1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+def group_view(w: torch.Tensor, group_len: int) -> torch.Tensor:
+    """``[N, K]`` -> ``[N * G, g]``, zero-padding a ragged last group (zeros are exact, so harmless)."""
+    n, k = w.shape
+    g = num_groups(k, group_len)
+    if g * group_len != k:
+        w = torch.nn.functional.pad(w, (0, g * group_len - k))
+    return w.reshape(n * g, group_len)  # [N, G, g] -> [N*G, g]
+
+
+def quantize_weight(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest quantization of ``w [N, K]`` group-wise along K.
+
+    Returns ``codes [N, K]`` (uint8), ``scales [N, G]`` (float32) and ``zeros [N, G]`` (uint8).
+    """
+    n, k = w.shape
+    g = args.group_len(k)
+    groups = num_groups(k, g)
+    wg = group_view(w.float(), g)                                  # [N*G, g]
+    scale, zero = find_qparams(wg, args)                           # [N*G]
+    codes = quantize_codes(wg, scale[:, None], zero[:, None], args.maxq)
+    codes = codes.reshape(n, groups * g)[:, :k]                    # drop the padding
+    return codes.to(torch.uint8), scale.reshape(n, groups), zero.reshape(n, groups).to(torch.uint8)
+
+
+def dequantize_weight(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_len: int
+) -> torch.Tensor:
+    """``codes [N, K]``, ``scales/zeros [N, G]`` -> float weight ``[N, K]`` (dtype of ``scales``)."""
+    k = codes.shape[1]
+    gidx = torch.arange(k, device=codes.device) // group_len      # [K] group of each column
+    s = scales[:, gidx]
+    return (codes.to(s.dtype) - zeros[:, gidx].to(s.dtype)) * s
