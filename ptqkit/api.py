@@ -65,10 +65,19 @@ def quantize(
         "calibration_fingerprint": calib.fingerprint if calib is not None else None,
         "timings": {"quantize_s": wall, **{k: v for k, v in info.items() if k.endswith("_s")}},
         "blocks": info.get("blocks", []),
-        "layers": {k: v for s in steps for k, v in s.stats.items()},
+        "layers": _merge_stats(steps),
     }
     log.info("quantized with %s in %.1fs", name, wall)
     return model
+
+
+def _merge_stats(steps: list) -> dict[str, dict[str, Any]]:
+    """Per-layer facts of all steps, merged (a transform's and the quantizer's for the same layer)."""
+    layers: dict[str, dict[str, Any]] = {}
+    for s in steps:
+        for k, v in s.stats.items():
+            layers.setdefault(k, {}).update(v)
+    return layers
 
 
 def save(model: nn.Module, path: str | os.PathLike, format: str = "native", tokenizer: Any = None, **kw: Any) -> Path:

@@ -1,6 +1,8 @@
 """Quantized linear layers: weight-only ``QuantLinear`` and int8 ``QuantLinearW8A8``."""
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -8,6 +10,9 @@ from . import kernels
 from .kernels import reference
 from .packing import pack, packed_rows, unpack
 from .quant import num_groups
+
+#: the reference path keeps a dequantized copy of each weight (PTQKIT_REFERENCE_CACHE=0: unpack every call)
+REFERENCE_CACHE = os.environ.get("PTQKIT_REFERENCE_CACHE", "1") != "0"
 
 
 class QuantLinear(nn.Module):
@@ -80,8 +85,21 @@ class QuantLinear(nn.Module):
             return out
         return w
 
+    def _reference_weight(self) -> torch.Tensor:
+        """Dequantized ``[K, N]`` for the reference path, cached until a buffer changes
+        (unpacking on every call would cost more than the matmul on a CPU)."""
+        key = (self.qweight.data_ptr(), self.qweight._version, self.scales.data_ptr(), self.scales._version,
+               self.zeros._version, self.scales.dtype)
+        if getattr(self, "_wcache_key", None) != key:
+            self._wcache = reference.dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_len,
+                                                self.in_features)
+            self._wcache_key = key
+        return self._wcache
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fn = kernels.select(x.device, "wxa16")
+        if fn is reference.wxa16_linear and REFERENCE_CACHE:
+            return reference.linear_dequantized(x, self._reference_weight(), self.perm, self.bias)
         return fn(x, self.qweight, self.scales, self.zeros, self.bits, self.group_len, self.perm, self.bias)
 
     def extra_repr(self) -> str:

@@ -33,6 +33,7 @@ class Mapping:
     prev: str
     linears: tuple[str, ...]
     inspect: str | None = None  # the submodule whose output AWQ measures (None: the linears themselves)
+    tokenwise: bool = False  # ``inspect`` treats tokens independently (an MLP): AWQ may score it on sampled tokens
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ _LLAMA = Architecture(
     mappings=(
         Mapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
         Mapping("self_attn.v_proj", ("self_attn.o_proj",)),
-        Mapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        Mapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp", tokenwise=True),
         Mapping("mlp.up_proj", ("mlp.down_proj",)),
     ),
     sequential=(
@@ -161,7 +162,11 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not (out / "config.json").is_file():  # not a concurrent conversion that finished first
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -5,10 +5,15 @@ occupies bits ``[i*bits, (i+1)*bits)`` of the stream, word ``(i*bits) // 32``.
 For 2/4/8 bits this is exactly the GPTQ ``qweight`` layout (``32/bits`` codes per
 word); for 3 bits it is GPTQ's layout too (32 codes in 3 words, two codes straddle
 word boundaries). Any bit width 1..8 works.
+
+Every 32 codes fill exactly ``bits`` words, so both directions work on units of
+32 codes ``[U, 32, N] <-> [U, bits, N]`` with one vectorized step per code position.
 """
 from __future__ import annotations
 
 import torch
+
+_MASK32 = 0xFFFFFFFF
 
 
 def packed_rows(rows: int, bits: int) -> int:
@@ -16,28 +21,45 @@ def packed_rows(rows: int, bits: int) -> int:
     return (rows * bits + 31) // 32
 
 
+def _positions(bits: int) -> list[tuple[int, int, int]]:
+    """For each of the 32 codes of a unit: (word, shift, bits spilling into word + 1)."""
+    out = []
+    for i in range(32):
+        word, shift = divmod(i * bits, 32)
+        out.append((word, shift, max(0, shift + bits - 32)))
+    return out
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack codes ``[K, N]`` (values in ``[0, 2**bits)``) into int32 ``[ceil(K*bits/32), N]``."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     k, n = codes.shape
-    words = packed_rows(k, bits)
-    c = codes.to(torch.int64) & ((1 << bits) - 1)
-    out = torch.zeros(words + 1, n, dtype=torch.int64, device=codes.device)
-    start = torch.arange(k, device=codes.device) * bits          # [K] bit offset of each code
-    word, shift = start // 32, start % 32
-    lo = c << shift[:, None]                                       # may spill past bit 31
-    out.index_add_(0, word, lo & 0xFFFFFFFF)
-    out.index_add_(0, word + 1, lo >> 32)                          # the spilled high part
-    out = out[:words]
+    units = (k + 31) // 32
+    c = torch.zeros(units * 32, n, dtype=torch.int64, device=codes.device)
+    c[:k] = codes.to(torch.int64) & ((1 << bits) - 1)
+    c = c.view(units, 32, n)                                       # [U, 32, N]
+    out = torch.zeros(units, bits, n, dtype=torch.int64, device=codes.device)  # [U, bits, N]
+    for i, (word, shift, spill) in enumerate(_positions(bits)):
+        out[:, word] |= (c[:, i] << shift) & _MASK32
+        if spill:
+            out[:, word + 1] |= c[:, i] >> (bits - spill)
+    out = out.view(units * bits, n)[: packed_rows(k, bits)]
     return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
 
 
 def unpack(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     """Inverse of :func:`pack`: int32 ``[words, N]`` -> uint8 codes ``[rows, N]``."""
-    p = packed.to(torch.int64) & 0xFFFFFFFF                        # [W, N] as unsigned
-    p = torch.cat([p, torch.zeros_like(p[:1])])                    # guard word for straddles
-    start = torch.arange(rows, device=packed.device) * bits
-    word, shift = start // 32, start % 32
-    both = p[word] | (p[word + 1] << 32)                           # [rows, N] 64-bit window
-    return ((both >> shift[:, None]) & ((1 << bits) - 1)).to(torch.uint8)
+    words, n = packed.shape
+    units = (rows + 31) // 32
+    p = torch.zeros(units * bits, n, dtype=torch.int64, device=packed.device)
+    p[:words] = packed.to(torch.int64) & _MASK32
+    p = p.view(units, bits, n)                                     # [U, bits, N]
+    mask = (1 << bits) - 1
+    out = torch.empty(units, 32, n, dtype=torch.uint8, device=packed.device)  # [U, 32, N]
+    for i, (word, shift, spill) in enumerate(_positions(bits)):
+        v = p[:, word] >> shift
+        if spill:
+            v = v | (p[:, word + 1] << (bits - spill))
+        out[:, i] = v & mask
+    return out.view(units * 32, n)[:rows]

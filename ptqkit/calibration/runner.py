@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..algorithms.base import Algorithm, Quantizer, Transform
+from ..layers import QuantLinear
 from ..models import Architecture, architecture, find_blocks, find_linears, set_submodule
 from .data import CalibrationSet
 
@@ -132,26 +133,29 @@ class _Sequencer:
         self.q, self.n, self.observe_only = quantizer, n, observe_only
         self.cond = threading.Condition()
         self.running = 0
-        self.waiting: dict[str, "_Wrapped"] = {}
+        self.waiting: dict["_Wrapped", int] = {}  # linear -> threads paused at it
         self.error: BaseException | None = None
 
     def _release(self) -> None:
-        for w in list(self.waiting.values()):
+        for w in self.waiting:
             w.quantize()
+        # the woken threads count as running from now on, before they get the lock back
+        self.running += sum(self.waiting.values())
         self.waiting.clear()
         self.cond.notify_all()
 
     def arrive(self, w: "_Wrapped", x: torch.Tensor) -> None:
-        self.q.observe(w.name, w.inner, x, None)
-        if self.observe_only or w.done:
+        if w.done:  # quantized already: the output pass of "two-pass" must not feed statistics
             return
-        self.waiting[w.name] = w
+        self.q.observe(w.name, w.inner, x, None)
+        if self.observe_only:
+            return
+        self.waiting[w] = self.waiting.get(w, 0) + 1
         self.running -= 1
         if self.running == 0:
             self._release()
         else:
             self.cond.wait_for(lambda: w.done or self.error is not None)
-        self.running += 1
         if self.error is not None:
             raise RuntimeError("another calibration batch failed") from self.error
 
@@ -193,11 +197,20 @@ class _Wrapped(nn.Module):
     def __init__(self, name: str, inner: nn.Module, seq: _Sequencer) -> None:
         super().__init__()
         self.name, self.inner, self.seq, self.done = name, inner, seq, False
+        self.final: nn.Module = inner
 
     def quantize(self) -> None:
         t = time.perf_counter()
-        self.inner = self.seq.q.quantize(self.name, self.inner)
+        self.final = self.seq.q.quantize(self.name, self.inner)
         self.seq.q.stats.setdefault(self.name, {})["quantize_s"] = time.perf_counter() - t
+        if isinstance(self.final, QuantLinear):  # same numbers, without unpacking per batch
+            self.inner = nn.Linear(self.final.in_features, self.final.out_features, bias=self.final.bias is not None,
+                                   device=self.final.scales.device, dtype=self.final.scales.dtype)
+            self.inner.weight.data = self.final.dequantize()
+            if self.final.bias is not None:
+                self.inner.bias.data = self.final.bias
+        else:
+            self.inner = self.final
         self.done = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,7 +257,7 @@ def _quantize_pass(q: Quantizer, block: nn.Module, prefix: str, linears: dict[st
                 w.quantize()
     finally:
         for name, w in wrapped.items():
-            set_submodule(block, name, w.inner)
+            set_submodule(block, name, w.final)
     return outs
 
 

@@ -26,6 +26,16 @@ def dequantize(
     return (codes.to(s.dtype) - zeros[gidx].to(s.dtype)) * s
 
 
+def linear_dequantized(
+    x: torch.Tensor, w: torch.Tensor, perm: torch.Tensor | None = None, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``y = x[..., perm] @ w + bias`` with an already dequantized ``w [K, N]`` (stored row order)."""
+    if perm is not None:
+        x = x.index_select(-1, perm.long())
+    y = x @ w.to(x.dtype)
+    return y + bias.to(y.dtype) if bias is not None else y
+
+
 def wxa16_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -37,12 +47,8 @@ def wxa16_linear(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = x[..., perm] @ dequant(W) + bias`` for a weight-only quantized layer."""
-    k = x.shape[-1]
-    w = dequantize(qweight, scales, zeros, bits, group_len, k).to(x.dtype)  # [K, N]
-    if perm is not None:
-        x = x.index_select(-1, perm.long())
-    y = x @ w
-    return y + bias.to(y.dtype) if bias is not None else y
+    w = dequantize(qweight, scales, zeros, bits, group_len, x.shape[-1])  # [K, N]
+    return linear_dequantized(x, w, perm, bias)
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,16 +64,45 @@ def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8)
 
 
-def int8_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
-    """Exact ``int8 [M, K] @ int8 [N, K]ᵀ -> int32 [M, N]``.
+#: K columns per fp32 GEMM chunk in the exact CPU emulation: an int8 product is at most
+#: 128·128 = 2**14 in magnitude, so every partial sum of a 2**10-column chunk is an integer of
+#: magnitude <= 2**24, exactly representable in fp32 whatever the summation order or FMA use.
+FP32_EXACT_K = 1024
 
-    Uses ``torch._int_mm`` where the platform has it; otherwise an fp64 emulation, which is
-    exact because every partial sum stays below 2**53.
+
+def _fp32_matmul_is_ieee() -> bool:
+    """False when fp32 matmuls may run in reduced precision (TF32 / bf16), which is not exact."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
+    return getattr(mkldnn, "fp32_precision", "none") in ("none", "ieee")
+
+
+def int8_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """Exact ``int8 [M, K] @ int8 [N, K]ᵀ -> int32 [M, N]`` (equal to an int64 reference).
+
+    CUDA: ``torch._int_mm`` (cuBLAS int8, int32 accumulate) where its shape rules hold
+    (M > 16, K and N multiples of 8), else an fp64 emulation (partial sums < 2**53: exact).
+    CPU: fp32 GEMMs over K chunks of :data:`FP32_EXACT_K` summed in int32 -- exact (see the
+    constant) and ~15x faster than ``torch._int_mm``, whose CPU path is a scalar loop
+    (4096x576 @ 576x1536: 0.7 s against 10 s on 2 cores); fp64 if fp32 matmuls are set to TF32/bf16.
     """
-    try:
-        return torch._int_mm(a.contiguous(), b_t.t().contiguous())
-    except (RuntimeError, AttributeError, NotImplementedError):
+    if a.dtype != torch.int8 or b_t.dtype != torch.int8:
+        raise TypeError(f"int8_matmul takes int8 operands, got {a.dtype} and {b_t.dtype}")
+    if a.dim() != 2 or b_t.dim() != 2 or a.shape[1] != b_t.shape[1]:
+        raise ValueError(f"int8_matmul: shapes {tuple(a.shape)} @ {tuple(b_t.shape)}ᵀ do not match ([M, K] @ [N, K]ᵀ)")
+    (m, k), n = a.shape, b_t.shape[0]
+    if a.is_cuda:
+        if m > 16 and k % 8 == 0 and n % 8 == 0:
+            return torch._int_mm(a.contiguous(), b_t.t())
         return (a.double() @ b_t.double().t()).to(torch.int32)
+    if not _fp32_matmul_is_ieee():
+        return (a.double() @ b_t.double().t()).to(torch.int32)
+    acc = torch.zeros(m, n, dtype=torch.int32, device=a.device)
+    for k0 in range(0, k, FP32_EXACT_K):
+        part = a[:, k0:k0 + FP32_EXACT_K].float() @ b_t[:, k0:k0 + FP32_EXACT_K].float().t()  # [M, N], exact integers
+        acc += part.to(torch.int32)
+    return acc
 
 
 def w8a8_linear(

