@@ -108,6 +108,11 @@ def evaluate_windows(
                 if baseline is not None:
                     logits_fp, dt = _timed_logits(baseline, x)
                     time_fp += dt
+                    if logits_fp.shape[-1] != logits_q.shape[-1]:
+                        raise ValueError(
+                            f"model and baseline vocabularies differ ({logits_q.shape[-1]} vs "
+                            f"{logits_fp.shape[-1]}): KL and top-1 need the same tokenizer"
+                        )
                 target = x[0, 1:].to(logits_q.device)  # [L-1]
                 for s in range(0, seqlen - 1, CHUNK):
                     e = min(s + CHUNK, seqlen - 1)

@@ -74,7 +74,7 @@ class Report:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Report":
+    def from_dict(cls, data: dict[str, Any]) -> Report:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -99,13 +99,16 @@ class Report:
     def to_markdown(self) -> str:
         """A small table (fp | quantized | Δ | Δ% | KL | top-1) plus protocol and timing lines."""
         top1 = None if self.top1 is None else 100 * self.top1
+        evaluated = "ppl quantized" if self.method or self.ppl_fp is not None else "ppl"
         lines = [
             f"### {self.model}" + (f" · {self.method}" if self.method else ""),
             "",
-            "| ppl fp | ppl quantized | Δ | Δ% | KL | top-1 |",
+            f"| ppl fp | {evaluated} | Δ | Δ% | KL | top-1 % |",
             "|---:|---:|---:|---:|---:|---:|",
-            f"| {_fmt(self.ppl_fp)} | {_fmt(self.ppl_q)} | {_fmt(self.delta, '+.4f')} "
-            f"| {_fmt(self.delta_pct, '+.2f')} | {_fmt(self.kl, '.5f')} | {_fmt(top1, '.2f')}% |",
+            (
+                f"| {_fmt(self.ppl_fp)} | {_fmt(self.ppl_q)} | {_fmt(self.delta, '+.4f')} "
+                f"| {_fmt(self.delta_pct, '+.2f')} | {_fmt(self.kl, '.5f')} | {_fmt(top1, '.2f')} |"
+            ),
             "",
             "protocol: " + ", ".join(f"{k}={v}" for k, v in self.protocol.items()),
         ]
