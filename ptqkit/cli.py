@@ -83,7 +83,82 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unquantized reference for delta/KL (default: the model a ptqkit checkpoint was made from)")
     e.add_argument("--json", default=None, help="also write the report as JSON here")
     _add_eval_args(e)
+    _add_job_parsers(sub)
     return parser
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers (e.g. 4,3), got {text!r}") from err
+
+
+def _add_job_parsers(sub: Any) -> None:
+    """``compare``, ``run`` and ``batch`` (ptqkit.jobs)."""
+    c = sub.add_parser("compare", help="compare methods x bits x group sizes under one calibration set and protocol",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local HF directory, .gguf file, or the embedded default")
+    c.add_argument("--methods", default=api.DEFAULT_METHOD,
+                   help="comma-separated methods; join a recipe's steps with + (e.g. rtn,gptq,awq,smoothquant+gptq)")
+    c.add_argument("--bits", type=_ints, default="4", help="comma-separated weight bits (e.g. 4,3)")
+    c.add_argument("--group-size", type=_ints, default="128", help="comma-separated group sizes; -1 = per channel")
+    c.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a method option for every run")
+    c.add_argument("--ignore", action="append", default=[], metavar="NAME", help="keep this layer in full precision")
+    c.add_argument("--calibration", default="builtin", help="calibration text (see quantize)")
+    c.add_argument("--num-samples", type=int, default=128, help="calibration windows")
+    c.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    c.add_argument("--seed", type=int, default=0, help="seed for calibration sampling")
+    c.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward batch")
+    c.add_argument("--pipeline", default="sequential", choices=["sequential", "two-pass"])
+    c.add_argument("--device", default=None, help="where blocks run (cpu, cuda)")
+    c.add_argument("--output", default="ptqkit-compare", help="directory for results.json, results.md, plots, runs/")
+    c.add_argument("--save", default=None, choices=sorted(formats.SAVERS), help="also save every quantized model")
+    c.add_argument("--force", action="store_true", help="redo finished combinations")
+    c.add_argument("--keep-cache", action="store_true", help="keep the cached unquantized logits after the run")
+    _add_eval_args(c)
+
+    r = sub.add_parser("run", help="run one job file (model, calibration, recipe, evaluation, output)")
+    r.add_argument("job", help="job YAML file (see examples/recipe.yaml)")
+    r.add_argument("--force", action="store_true", help="rerun even if the output holds this finished job")
+    r.add_argument("--check", action="store_true", help="only validate the file")
+
+    b = sub.add_parser("batch", help="run a list of jobs; failures are recorded and the batch goes on")
+    b.add_argument("jobs", help="batch YAML file (see examples/jobs.yaml)")
+    b.add_argument("--index", type=int, default=None, help="run only job N (0-based), e.g. $SLURM_ARRAY_TASK_ID")
+    b.add_argument("--force", action="store_true", help="rerun finished jobs")
+    b.add_argument("--check", action="store_true", help="only validate the file (and list the jobs)")
+    b.add_argument("--summary", default=None, help="write every job's result to this JSON file")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from . import jobs
+
+    cal = jobs.CalibrationSpec(args.calibration, args.num_samples, args.seqlen, args.seed)
+    ev = jobs.EvaluationSpec(args.eval_dataset, args.eval_seqlen, args.max_eval_windows)
+    res = jobs.compare(args.model, [m.strip() for m in args.methods.split(",") if m.strip()], args.bits, args.group_size,
+                       args.output, cal, ev, options=_options(args.option), ignore=args.ignore or None, force=args.force,
+                       save_format=args.save, batch_size=args.batch_size, pipeline=args.pipeline, device=args.device,
+                       keep_cache=args.keep_cache)
+    print((Path(args.output) / jobs.RESULTS_MD).read_text())
+    return 1 if any(res["runs"][k]["status"] != "done" for k in res["current"]) else 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from . import jobs
+
+    specs = jobs.load_jobs(args.job if args.command == "run" else args.jobs)
+    if args.command == "run" and len(specs) != 1:
+        raise ValueError(f"{args.job} holds {len(specs)} jobs: run it with `ptqkit batch` (and --index N for one)")
+    if args.check:
+        for i, j in enumerate(specs):
+            print(f"{i}: {j.name} ({j.at()}) -> {j.output.dir}")
+        return 0
+    results = jobs.run_batch(specs, index=getattr(args, "index", None), force=args.force,
+                             summary=getattr(args, "summary", None))
+    for r in results:
+        print(jobs.summary_line(r.name, r.row))
+    return 1 if any(r.status == "failed" for r in results) else 0
 
 
 def _table(rep: Any, times: dict[str, float], size_fp: float, size_q: float) -> str:
@@ -164,7 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return {"quantize": cmd_quantize, "eval": cmd_eval}[args.command](args)
+        return {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "run": cmd_jobs,
+                "batch": cmd_jobs}[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         log.error("%s", e)
         return 2

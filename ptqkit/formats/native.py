@@ -1,12 +1,12 @@
 """ptqkit's own checkpoint layout: an HF model directory whose quantized linears are stored as
 their buffers (``qweight``, ``scales``, ``zeros``, ``perm``, ...) in ``model.safetensors``, with
-``ptqkit_quant.json`` naming every quantized layer and its arguments. Written atomically."""
+``ptqkit_quant.json`` naming every quantized layer and its arguments. Written atomically, sharded
+with an index over ``max_shard_size``; holds everything ptqkit can represent (ragged groups,
+act-order, any bit width 2..8, W8A8)."""
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,18 @@ from torch import nn
 
 from ..layers import QuantLinear, QuantLinearW8A8
 from ..models import set_submodule
+from .common import (  # noqa: F401  (atomic_dir, commit_dir: re-exported for older imports)
+    DEFAULT_SHARD_SIZE,
+    atomic_dir,
+    atomic_write,
+    commit_dir,
+    empty_model,
+    finish_load,
+    load_tensors,
+    save_tensors,
+    unique_state_dict,
+    write_model_files,
+)
 
 QUANT_FILE = "ptqkit_quant.json"
 FORMAT_VERSION = 1
@@ -34,58 +46,21 @@ def layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
     return specs
 
 
-def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict without the second copy of tied tensors (safetensors refuses shared storage)."""
-    seen: set[int] = set()
-    out = {}
-    for k, v in model.state_dict().items():
-        ptr = v.untyped_storage().data_ptr()
-        if ptr in seen and v.numel() > 0:
-            continue
-        seen.add(ptr)
-        out[k] = v.detach().contiguous()
-    return out
-
-
-def atomic_dir(path: str | os.PathLike) -> tuple[Path, Path]:
-    """A fresh temporary directory beside ``path``; :func:`commit_dir` renames it into place."""
-    final = Path(path).resolve()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent)), final
-
-
-def commit_dir(tmp: Path, final: Path) -> None:
-    """Replace ``final`` by ``tmp``: the old content stays until the new one is complete."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
 def save_native(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None,
-                extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` (quantized or not) to ``path`` in ptqkit's layout; returns the path."""
-    from safetensors.torch import save_file
+                extra: dict[str, Any] | None = None, report: Any = None,
+                max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
+    """Write ``model`` (quantized or not) to ``path`` in ptqkit's layout; returns the path.
 
-    tmp, final = atomic_dir(path)
-    try:
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        save_file(unique_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    Over ``max_shard_size`` the tensors go to shards with a ``model.safetensors.index.json``;
+    ``report`` (an evaluation Report or a dict) is stored in ``ptqkit_report.json``.
+    """
+    with atomic_write(path) as tmp:
+        write_model_files(tmp, model, tokenizer, fmt="native", report=report)
+        save_tensors(unique_state_dict(model), tmp, max_shard_size)
         meta = {"format": "ptqkit", "version": FORMAT_VERSION, "layers": layer_specs(model),
                 "info": getattr(model, "ptqkit_info", {}), **(extra or {})}
         (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=2, default=str))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        commit_dir(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return Path(path).resolve()
 
 
 def empty_quant_layer(spec: dict[str, Any], dtype: torch.dtype) -> nn.Module:
@@ -98,11 +73,9 @@ def empty_quant_layer(spec: dict[str, Any], dtype: torch.dtype) -> nn.Module:
     raise ValueError(f"unknown quantized layer type {spec['type']!r} in {QUANT_FILE}")
 
 
-def load_native(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model saved by :func:`save_native`."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+def load_native(path: str | os.PathLike, device: str | torch.device = "cpu",
+                dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild a model saved by :func:`save_native` (single file or shards)."""
     path = Path(path)
     qfile = path / QUANT_FILE
     if not qfile.is_file():
@@ -110,19 +83,15 @@ def load_native(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     meta = json.loads(qfile.read_text())
     if meta.get("version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path} was written by a newer ptqkit (format {meta['version']}); upgrade ptqkit")
-    config = AutoConfig.from_pretrained(path)
-    state = load_file(str(path / "model.safetensors"))
-    dtype = next((v.dtype for k, v in state.items() if v.is_floating_point()), torch.float32)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = load_tensors(path)
+    model = empty_model(path, dtype, state)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     for name, spec in meta["layers"].items():
-        set_submodule(model, name, empty_quant_layer(spec, dtype))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    if unexpected or set(missing) - tied:
-        raise ValueError(f"{path}: checkpoint does not match the model (missing {sorted(set(missing) - tied)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]})")
-    if tied:
-        model.tie_weights()
-    model.ptqkit_info = meta.get("info", {})
-    model.config.use_cache = False
-    return model.eval().to(device)
+        layer = empty_quant_layer(spec, dtype)
+        prefix = name + "."
+        own = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
+        missing, unexpected = layer.load_state_dict(own, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}: layer {name} does not match its spec (missing {missing}, unexpected {unexpected})")
+        set_submodule(model, name, layer)
+    return finish_load(model, state, path, device, meta.get("info", {}))

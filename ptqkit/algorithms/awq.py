@@ -1,0 +1,503 @@
+"""AWQ (Lin et al., 2023, "AWQ: Activation-aware Weight Quantization for LLM Compression and
+Acceleration") as a transform: per-channel scales folded between an op and the linears it feeds
+(scale search, Sec. 3.2, Eq. 4-5), then a per-group clipping range (the reference code's clip
+search). The quantizer that follows (RTN by default, or GPTQ) quantizes the transformed weights;
+AWQ searches against that quantizer's grid (``ctx.qargs``: bits, group_size, sym).
+
+Wiring only; the math is in :mod:`ptqkit.algorithms.awq_math`. Per block:
+
+1. ``observe`` keeps, for each distinct linear input, the per-channel mean ``|x|`` (all tokens),
+   the Gram matrix ``XᵀX`` of ``clip_tokens`` random tokens per batch, and up to
+   ``search_tokens`` of those rows: statistics of bounded size, never whole activations;
+2. ``apply`` searches every mapping's scale: measured at a linear, the loss is exact from its
+   Gram matrix, all candidates in batches; measured at a module, the module runs on
+   ``search_tokens`` sampled tokens (token-wise modules such as the MLP) or on
+   ``search_samples`` whole sequences captured from the block (attention);
+3. the best scale folds into the op (divide) and the linears (multiply): exact in floating point;
+4. the clip search picks, per output channel and group, the shrink of the range that minimizes
+   the output error on the Gram sample, and clamps the weights to it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..models import Mapping
+from ..registry import register
+from . import awq_math as am
+from .base import Transform
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AWQConfig:
+    """AWQ options (the quantization grid comes from the quantizer step: bits, group_size, sym).
+
+    ``n_grid``: α grid points of the scale search. ``duo_scaling``: ``s = s_Xᵅ / s_W¹⁻ᵅ``
+    instead of ``s_Xᵅ``. ``max_shrink`` / ``n_clip_grid``: clip factors ``1, 1 − 1/n, …,
+    1 − max_shrink``. ``clip_tokens``: tokens sampled per calibration batch for the Gram
+    statistics (clip search, and scale search of mappings measured at a linear); None = all.
+    ``search_tokens``: tokens on which token-wise modules (MLP) score the α grid.
+    ``search_samples``: calibration sequences on which token-mixing modules (attention) do.
+    ``no_clip``: linears (name suffixes) left unclipped, as in the reference code (q/k: their
+    output error says little about the attention's).
+    """
+
+    n_grid: int = 20
+    duo_scaling: bool = False
+    scale_search: bool = True
+    clip_search: bool = True
+    max_shrink: float = 0.5
+    n_clip_grid: int = 20
+    clip_tokens: int | None = 512
+    search_tokens: int = 4096
+    search_samples: int = 8
+    no_clip: tuple[str, ...] = ("q_proj", "k_proj")
+
+    def __post_init__(self) -> None:
+        for name in ("n_grid", "n_clip_grid", "search_tokens", "search_samples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r}: must be a positive integer (the default grid has 20 points)")
+        if self.clip_tokens is not None and (isinstance(self.clip_tokens, bool) or not isinstance(
+                self.clip_tokens, int) or self.clip_tokens < 1):
+            raise ValueError(f"clip_tokens={self.clip_tokens!r}: use a positive token count per batch, or None for all")
+        if not isinstance(self.max_shrink, (int, float)) or not 0.0 < self.max_shrink < 1.0:
+            raise ValueError(f"max_shrink={self.max_shrink!r} must lie in (0, 1), e.g. 0.5 (clip at most half the range)")
+        for name in ("duo_scaling", "scale_search", "clip_search"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: use True or False")
+        if not (self.scale_search or self.clip_search):
+            raise ValueError("scale_search and clip_search are both off, so AWQ would do nothing: "
+                             "turn one on, or use method='rtn'")
+        if isinstance(self.no_clip, str):
+            self.no_clip = (self.no_clip,)
+        self.no_clip = tuple(self.no_clip)
+
+
+@dataclass
+class _Inputs:
+    """Statistics of one linear input (shared by the linears that read the same tensor)."""
+
+    abs_sum: torch.Tensor | None = None   # [K] float64, sum of |x| over all tokens
+    count: int = 0
+    gram: torch.Tensor | None = None      # [K, K] float32, sum of x xᵀ over sampled tokens
+    gram_count: int = 0
+    rows: torch.Tensor | None = None      # [≤ keep, K] uniform sample of the sampled tokens
+    seen: int = 0                         # sampled tokens offered to ``rows`` so far
+
+    def add(self, x: torch.Tensor, sample: torch.Tensor | None, keep: int, gen: torch.Generator) -> None:
+        flat = x.reshape(-1, x.shape[-1])                            # [b, L, K] -> [T, K]
+        s = flat.abs().sum(0, dtype=torch.float32).double()
+        self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
+        self.count += flat.shape[0]
+        rows = (flat if sample is None else flat[sample.to(flat.device)]).float()
+        g = rows.T @ rows
+        self.gram = g if self.gram is None else self.gram + g
+        self.gram_count += rows.shape[0]
+        self._reservoir(rows, keep, gen)
+
+    def _reservoir(self, rows: torch.Tensor, keep: int, gen: torch.Generator) -> None:
+        """Keep a uniform sample of ``keep`` rows of all seen (reservoir sampling, Vitter's R)."""
+        m = rows.shape[0]
+        if self.rows is None:
+            self.rows = rows.new_empty(keep, rows.shape[1])
+        t = self.seen + torch.arange(m)                                # global index of each row
+        slot = torch.where(t < keep, t, (torch.rand(m, generator=gen) * (t + 1)).long())
+        hit = slot < keep
+        self.rows[slot[hit].to(rows.device)] = rows[hit.to(rows.device)]
+        self.seen += m
+
+    def sample(self) -> torch.Tensor:
+        return self.rows[: min(self.seen, self.rows.shape[0])]
+
+    @property
+    def x_mean(self) -> torch.Tensor:
+        return (self.abs_sum / self.count).float()
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        return self.gram / self.gram_count
+
+    def rescale(self, s: torch.Tensor) -> None:
+        """The inputs became ``x / s`` (a scale was folded into the linears reading them)."""
+        self.gram = self.gram / (s[:, None] * s[None, :])
+        self.rows = self.rows / s
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.abs_sum, self.gram, self.rows) if t is not None)
+
+
+@dataclass
+class _Fold:
+    """A mapping resolved in one block."""
+
+    prev: str
+    linears: list[str]            # every linear reading prev's output (all are scaled)
+    quantized: list[str]          # those the quantizer will quantize (ignore applied)
+    inspect: str | None
+    tokenwise: bool
+    heads: tuple[int, int, int] | None = None   # (kv heads, query heads per kv head, head dim) for GQA
+
+    def expand(self, s: torch.Tensor) -> torch.Tensor:
+        """Scale over prev's outputs ``[..., P]`` -> over the linears' inputs ``[..., K]``."""
+        if self.heads is None:
+            return s
+        kv, rep, hd = self.heads
+        lead = s.shape[:-1]
+        return s.reshape(*lead, kv, 1, hd).expand(*lead, kv, rep, hd).reshape(*lead, kv * rep * hd)
+
+    def tie(self, v: torch.Tensor) -> torch.Tensor:
+        """Per-input-channel statistic ``[K]`` -> ``[P]`` (mean over the query heads of a kv head)."""
+        if self.heads is None:
+            return v
+        kv, rep, hd = self.heads
+        return v.reshape(kv, rep, hd).mean(1).reshape(kv * hd)
+
+
+class _Stop(Exception):
+    """Ends a capture forward once every module of interest has been reached."""
+
+
+def slice_batch(obj: Any, take: int, batch: int) -> Any:
+    """The first ``take`` sequences of tensors whose leading dimension is the batch size."""
+    if isinstance(obj, torch.Tensor):
+        return obj[:take] if obj.dim() > 0 and obj.shape[0] == batch else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(slice_batch(o, take, batch) for o in obj)
+    if isinstance(obj, dict):
+        return {k: slice_batch(v, take, batch) for k, v in obj.items()}
+    return obj
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """Tensors nested in tuples/lists/dicts moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def block_output(out: Any) -> torch.Tensor:
+    """The hidden states of a module that may return a tuple (attention: ``(out, weights)``)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _is_norm(m: nn.Module) -> bool:
+    w = getattr(m, "weight", None)
+    return (not list(m.children()) and isinstance(w, nn.Parameter) and w.dim() == 1
+            and not isinstance(m, (nn.Linear, nn.Embedding)))
+
+
+def _foldable(norm: nn.Module, x: torch.Tensor) -> bool:
+    """Whether dividing the norm's weight (and bias) by ``s`` divides its output by ``s``."""
+    s = torch.linspace(0.5, 2.0, norm.weight.numel(), device=norm.weight.device)
+    saved = [(p, p.detach().clone()) for p in (norm.weight, getattr(norm, "bias", None)) if isinstance(p, torch.Tensor)]
+    with torch.no_grad():
+        y = norm(x).float()
+        for p, _ in saved:
+            p.div_(s.to(p.dtype))
+        y2 = norm(x).float() * s
+        for p, v in saved:
+            p.copy_(v)
+    return bool(torch.allclose(y2, y, rtol=1e-3, atol=1e-5 * float(y.abs().max()) + 1e-12))
+
+
+def detect_mappings(block: nn.Module, run: Callable[[], None]) -> tuple[Mapping, ...]:
+    """Generic path: norm -> linears mappings found by running the block once (``run``) and
+    matching each linear's input tensor with a norm's output; only norms whose scale folds exactly
+    are kept. The mapping is measured at the linears' closest common parent module."""
+    norms = {n: m for n, m in block.named_modules() if _is_norm(m)}
+    lin = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    seen_in: dict[str, torch.Tensor] = {}
+    seen_out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    def out_hook(n: str) -> Callable:  # hooks return None: a returned value would replace the output
+        return lambda mod, a, out: None if n in seen_out else seen_out.update({n: (a[0], out)})
+
+    def in_hook(n: str) -> Callable:
+        return lambda mod, a: None if n in seen_in else seen_in.update({n: a[0]})
+
+    hooks = [m.register_forward_hook(out_hook(n)) for n, m in norms.items()]
+    hooks += [m.register_forward_pre_hook(in_hook(n)) for n, m in lin.items()]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    found = []
+    for n, (x, y) in seen_out.items():
+        fed = tuple(ln for ln, xin in seen_in.items() if xin is y)
+        if not fed:
+            continue
+        if not _foldable(norms[n], x):
+            log.info("AWQ: %s does not scale its output linearly with its weight; not folded", n)
+            continue
+        parts = [f.split(".")[:-1] for f in fed]
+        common = []
+        for level in zip(*parts):
+            if len(set(level)) > 1:
+                break
+            common.append(level[0])
+        found.append(Mapping(n, fed, ".".join(common) or None))
+    return tuple(found)
+
+
+@register("awq")
+class AWQ(Transform):
+    """Activation-aware scaling and clipping before a quantizer (``"awq"`` = AWQ then RTN)."""
+
+    Config = AWQConfig
+    quantizer_defaults: dict[str, Any] = {}
+
+    def __init__(self, config: AWQConfig) -> None:
+        super().__init__(config)
+        self._inputs: dict[str, _Inputs] = {}   # full linear name -> its input statistics
+        self._alias: dict[str, str] = {}        # full linear name -> linear whose input it shares
+        self._last: tuple[torch.Tensor, str] | None = None
+        self._gen = torch.Generator().manual_seed(0)
+        self._logged: set[str] = set()
+
+    # ------------------------------------------------------------------ statistics
+    def observe(self, name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        key = self._alias.get(name)
+        if key is None:  # linears called one after another on the same tensor share its statistics
+            key = self._last[1] if self._last is not None and self._last[0] is x else name
+            self._alias[name] = key
+        self._last = (x, key)
+        if key != name:
+            return
+        n = x.numel() // x.shape[-1]
+        k = self.config.clip_tokens
+        sample = None if k is None or k >= n else torch.randperm(n, generator=self._gen)[:k]
+        self._inputs.setdefault(name, _Inputs()).add(x.detach(), sample, self.config.search_tokens, self._gen)
+
+    def _stats(self, ctx: Any, rel: str) -> _Inputs | None:
+        full = f"{ctx.prefix}.{rel}"
+        return self._inputs.get(self._alias.get(full, full))
+
+    def _log_once(self, msg: str, *args: Any) -> None:
+        if msg not in self._logged:
+            self._logged.add(msg)
+            log.info(msg, *args)
+
+    # ------------------------------------------------------------------ mappings
+    def _mappings(self, block: nn.Module, ctx: Any) -> list[_Fold]:
+        maps = ctx.arch.mappings
+        if not maps:
+            i = ctx.index if hasattr(ctx, "index") else 0
+
+            def run() -> None:
+                b = ctx.inputs[0].shape[0]
+                h = slice_batch(ctx.inputs[0], 1, b)
+                block(to_device(h, ctx.device), **to_device(slice_batch(ctx.kwargs[0], 1, b), ctx.device))
+
+            with torch.no_grad():
+                maps = detect_mappings(block, run)
+            self._log_once("AWQ: no preset mappings for this architecture; found %s", [m.prev for m in maps])
+            if not maps:
+                raise ValueError(
+                    f"AWQ found no op whose output scale folds into linears in block {ctx.prefix} ({type(block).__name__}, "
+                    f"block {i}): add Mapping entries for this model_type to ptqkit.models.ARCHITECTURES, "
+                    "or quantize without AWQ (method='rtn' or 'gptq')")
+        folds = []
+        for m in maps:
+            for path in (m.prev, *m.linears) + ((m.inspect,) if m.inspect else ()):
+                try:
+                    block.get_submodule(path)
+                except AttributeError:
+                    raise ValueError(f"AWQ mapping {m.prev} -> {list(m.linears)}: block {ctx.prefix} has no "
+                                     f"submodule {path!r}; fix the Mapping in ptqkit.models.ARCHITECTURES") from None
+            quantized = [n for n in m.linears if n in ctx.linears]
+            if not quantized:
+                self._log_once("AWQ: %s -> %s: every linear is ignored; not scaled", m.prev, list(m.linears))
+                continue
+            fold = _Fold(m.prev, list(m.linears), quantized, m.inspect, m.tokenwise)
+            prev = block.get_submodule(m.prev)
+            k = block.get_submodule(m.linears[0]).in_features
+            p = prev.out_features if isinstance(prev, nn.Linear) else prev.weight.numel()
+            if p != k:
+                fold.heads = self._heads(block, m, p, k)
+                if fold.heads is None:
+                    continue
+            folds.append(fold)
+        return folds
+
+    def _heads(self, block: nn.Module, m: Mapping, p: int, k: int) -> tuple[int, int, int] | None:
+        """Grouped-query attention: v's output channel (kv, d) reaches o's input columns (kv·rep + r, d)
+        for every r, so one scale per v channel, repeated over the query heads, folds exactly."""
+        attn = block.get_submodule(m.prev.rpartition(".")[0]) if "." in m.prev else block
+        hd, rep = getattr(attn, "head_dim", None), getattr(attn, "num_key_value_groups", None)
+        if isinstance(hd, int) and isinstance(rep, int) and hd > 0 and p % hd == 0 and p * rep == k:
+            return p // hd, rep, hd
+        self._log_once("AWQ: %s (%d outputs) -> %s (%d inputs): shapes do not match and no head layout "
+                       "(head_dim, num_key_value_groups) explains them; mapping skipped", m.prev, p, list(m.linears), k)
+        return None
+
+    # ------------------------------------------------------------------ capture
+    def _capture(self, block: nn.Module, ctx: Any, names: list[str]) -> dict[str, list[tuple]]:
+        """(args, kwargs) of the token-mixing modules ``names`` on ``search_samples`` sequences."""
+        captured: dict[str, list[tuple]] = {n: [] for n in names}
+        if not names:
+            return captured
+        pending: set[str] = set()
+
+        def hook(n: str) -> Callable:
+            def fn(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+                captured[n].append((args, dict(kwargs)))
+                pending.discard(n)
+                if not pending:
+                    raise _Stop
+
+            return fn
+
+        handles = [block.get_submodule(n).register_forward_pre_hook(hook(n), with_kwargs=True) for n in names]
+        left = self.config.search_samples
+        n = len(ctx.inputs)
+        need = min(n, -(-left // ctx.inputs[0].shape[0]))
+        try:
+            with torch.no_grad():
+                for i in sorted({t * n // need for t in range(need)}):  # evenly spaced batches
+                    if left <= 0:
+                        break
+                    b = ctx.inputs[i].shape[0]
+                    take = min(b, left)
+                    left -= take
+                    pending.update(names)
+                    h = to_device(slice_batch(ctx.inputs[i], take, b), ctx.device)
+                    try:
+                        block(h, **to_device(slice_batch(ctx.kwargs[i], take, b), ctx.device))
+                    except _Stop:
+                        pass
+        finally:
+            for h in handles:
+                h.remove()
+        return captured
+
+    # ------------------------------------------------------------------ scale search
+    def _quant(self, ctx: Any, k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        q = ctx.qargs
+        return lambda w: am.rtn_fake_quant(w, q.bits, q.group_len(k), q.sym)
+
+    def _module_losses(self, block: nn.Module, fold: _Fold, cands: torch.Tensor, ctx: Any,
+                       calls: list[tuple]) -> torch.Tensor:
+        """Loss of each candidate scale measured at ``fold.inspect`` on the given calls."""
+        mod = block.get_submodule(fold.inspect)
+        lins = [block.get_submodule(n) for n in fold.quantized]
+        orig = [lin.weight.detach().clone() for lin in lins]
+        quant = self._quant(ctx, lins[0].in_features)
+        with torch.no_grad():
+            ref = [block_output(mod(*a, **kw)).float() for a, kw in calls]
+            losses = torch.zeros(cands.shape[0], dtype=torch.float64)
+            try:
+                for c in range(cands.shape[0]):
+                    s = cands[c]
+                    for lin, w in zip(lins, orig):
+                        lin.weight.copy_((quant(w.float() * s) / s).to(w.dtype))
+                    err = sum(float((block_output(mod(*a, **kw)).float() - r).pow(2).sum()) for (a, kw), r in zip(calls, ref))
+                    losses[c] = err / sum(r.numel() for r in ref)
+            finally:
+                for lin, w in zip(lins, orig):
+                    lin.weight.copy_(w)
+        return losses
+
+    def _search(self, block: nn.Module, fold: _Fold, ctx: Any, captured: dict[str, list[tuple]]) -> dict[str, Any]:
+        cfg = self.config
+        st = self._stats(ctx, fold.quantized[0])
+        if st is None:
+            raise RuntimeError(f"AWQ: no calibration input reached {ctx.prefix}.{fold.quantized[0]}")
+        lins = [block.get_submodule(n) for n in fold.quantized]
+        k = lins[0].in_features
+        w_mean = None
+        if cfg.duo_scaling:
+            w_mean = fold.tie(am.weight_mean([lin.weight.detach() for lin in lins], ctx.qargs.group_len(k)))
+        cands_p = am.candidate_scales(fold.tie(st.x_mean), cfg.n_grid, w_mean)    # [n, P]
+        cands = fold.expand(cands_p)                                                # [n, K]
+        if fold.inspect is None:
+            losses = am.scale_losses([lin.weight.detach() for lin in lins], cands, st.sigma, self._quant(ctx, k))
+        elif fold.tokenwise:
+            x = st.sample()[None].to(lins[0].weight.dtype)                             # [T, K] -> [1, T, K]
+            losses = self._module_losses(block, fold, cands, ctx, [((x,), {})])
+        else:
+            losses = self._module_losses(block, fold, cands, ctx, captured[fold.inspect])
+        losses = torch.nan_to_num(losses, nan=float("inf"))
+        best = int(torch.argmin(losses))
+        self._fold(block, fold, cands_p[best], cands[best], ctx)
+        return {"prev": fold.prev, "linears": fold.linears, "alpha": best / cfg.n_grid,
+                "loss": float(losses[best]), "losses": [float(v) for v in losses]}
+
+    def _fold(self, block: nn.Module, fold: _Fold, s_prev: torch.Tensor, s: torch.Tensor, ctx: Any) -> None:
+        """Divide prev's output by ``s_prev`` and multiply the linears' input columns by ``s``."""
+        prev = block.get_submodule(fold.prev)
+        with torch.no_grad():
+            if isinstance(prev, nn.Linear):
+                prev.weight.copy_((prev.weight.float() / s_prev[:, None]).to(prev.weight.dtype))
+            else:
+                prev.weight.copy_((prev.weight.float() / s_prev).to(prev.weight.dtype))
+            bias = getattr(prev, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.copy_((bias.float() / s_prev).to(bias.dtype))
+            for n in fold.linears:
+                lin = block.get_submodule(n)
+                lin.weight.copy_((lin.weight.float() * s[None, :]).to(lin.weight.dtype))
+        groups = {id(st): st for st in (self._stats(ctx, n) for n in fold.linears) if st is not None}
+        for st in groups.values():
+            st.rescale(s)
+
+    # ------------------------------------------------------------------ clip search
+    def _clip(self, ctx: Any) -> dict[str, float]:
+        cfg, q = self.config, ctx.qargs
+        out = {}
+        for rel, lin in ctx.linears.items():
+            if any(rel == p or rel.endswith("." + p) for p in cfg.no_clip):
+                continue
+            st = self._stats(ctx, rel)
+            if st is None:
+                log.warning("AWQ: %s.%s saw no calibration input; not clipped", ctx.prefix, rel)
+                continue
+            w = lin.weight.detach()
+            g = q.group_len(w.shape[1])
+            lo, hi, p = am.clip_search(w, st.sigma, q.bits, g, q.sym, cfg.max_shrink, cfg.n_clip_grid)
+            with torch.no_grad():
+                lin.weight.copy_(am.apply_clip(w.float(), lo, hi, g).to(w.dtype))
+            out[rel] = float(p.mean())
+        return out
+
+    # ------------------------------------------------------------------ apply
+    def apply(self, block: nn.Module, ctx: Any) -> None:
+        """Scale search and folding for every mapping of the block, then the clip search."""
+        t0 = time.perf_counter()
+        for attr in ("bits", "sym"):
+            if not hasattr(ctx.qargs, attr) or not hasattr(ctx.qargs, "group_len"):
+                raise ValueError(f"AWQ searches against the quantizer's weight grid, but its config "
+                                 f"{type(ctx.qargs).__name__} has no {attr!r}/group_size")
+        info: dict[str, Any] = {"mappings": []}
+        try:
+            if self.config.scale_search:
+                folds = self._mappings(block, ctx)
+                mixing = sorted({f.inspect for f in folds if f.inspect is not None and not f.tokenwise})
+                captured = self._capture(block, ctx, mixing)
+                t1 = time.perf_counter()
+                for fold in folds:
+                    info["mappings"].append(self._search(block, fold, ctx, captured))
+                    log.debug("AWQ %s: %s", ctx.prefix, info["mappings"][-1])
+                del captured
+                info["scale_s"] = time.perf_counter() - t1
+            if self.config.clip_search:
+                t2 = time.perf_counter()
+                info["clip_shrink"] = self._clip(ctx)
+                info["clip_s"] = time.perf_counter() - t2
+        finally:
+            self._inputs.clear()
+            self._alias.clear()
+            self._last = None
+        info["awq_s"] = time.perf_counter() - t0
+        self.stats[f"{ctx.prefix}.awq"] = info

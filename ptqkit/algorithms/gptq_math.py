@@ -1,0 +1,367 @@
+"""GPTQ math as pure functions (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization
+for Generative Pre-trained Transformers", arXiv:2210.17323).
+
+Notation of the paper: a linear layer ``W [N, K]`` (rows = output channels, columns = inputs) is
+quantized column by column; the error of each quantized column is spread over the columns not yet
+quantized through the inverse Hessian ``H⁻¹`` of the layer-wise objective ``‖WX − QX‖²``, where
+``H = 2 X Xᵀ / n`` (Sec. 3, Eq. 1-3). Step 3 of the paper ("Cholesky reformulation") uses the rows
+of the upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = Uᵀ U``) in place of the shrinking inverses.
+
+Everything here is side-effect free on its inputs (except :func:`accumulate_hessian`, which updates
+the running Hessian it is given) and works on any device; the wiring lives in ``gptq.py``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ..quant import QuantArgs, find_qparams, group_view, num_groups
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch ops on one intra-op thread inside the block (restored after)."""
+    old = torch.get_num_threads()
+    if old != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if old != 1:
+            torch.set_num_threads(old)
+
+
+class CholeskyError(RuntimeError):
+    """The dampened Hessian stayed not positive definite up to the largest allowed dampening."""
+
+
+# --------------------------------------------------------------------------------------- Hessian
+def input_gram(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(Σ x xᵀ, n)`` over the tokens of ``x [..., K]``, in fp32 (the per-batch part of Eq. 1)."""
+    x = x.reshape(-1, x.shape[-1]).float()                        # [n, K]
+    return x.t() @ x, x.shape[0]
+
+
+def accumulate_hessian(
+    hessian: torch.Tensor | None, count: int, gram: torch.Tensor, n: int
+) -> tuple[torch.Tensor, int]:
+    """Fold one batch into the running ``H = 2/count · Σ x xᵀ``; returns ``(H, count + n)``.
+
+    ``gram`` is the batch's ``Σ x xᵀ`` (see :func:`input_gram`). The running mean is rescaled in
+    place (``H ← H·count/total + 2·gram/total``), so H stays O(1) and any batch split gives the same H.
+    """
+    if n < 1:
+        return hessian, count
+    total = count + n
+    if hessian is None:
+        return gram.mul(2.0 / total), total
+    hessian.mul_(count / total).add_(gram, alpha=2.0 / total)
+    return hessian, total
+
+
+def hessian_of(x: torch.Tensor) -> torch.Tensor:
+    """``H = 2 X Xᵀ / n`` of all tokens of ``x [..., K]`` at once (the reference for the running form)."""
+    gram, n = input_gram(x)
+    return gram * (2.0 / n)
+
+
+def dead_columns(hessian: torch.Tensor) -> torch.Tensor:
+    """Boolean mask ``[K]`` of inputs that were always zero in calibration (zero Hessian diagonal)."""
+    return torch.diagonal(hessian) == 0
+
+
+def prepare_hessian(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dampened copy of ``H`` and its dead-column mask.
+
+    Dead columns get ``H[d, d] = 1`` (their weights are set to zero by the caller: they never
+    contribute to the output, as in GPTQ's reference code); then ``damp · mean(diag H)`` is added to
+    the diagonal (Sec. 4, "dampening") so the Cholesky factorization is well conditioned.
+    """
+    h = hessian.clone()
+    dead = dead_columns(h)
+    diag = torch.diagonal(h)                                      # a view: edits go into h
+    diag[dead] = 1.0
+    diag.add_(damp * diag.mean())
+    return h, dead
+
+
+def inverse_cholesky(hessian: torch.Tensor) -> torch.Tensor | None:
+    """Upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = Uᵀ U``), or ``None`` if H is not positive definite.
+
+    With ``J`` the exchange (flip) matrix and ``J H J = M Mᵀ`` (lower ``M``): ``H = R Rᵀ`` with upper
+    ``R = J M J``, so ``H⁻¹ = R⁻ᵀ R⁻¹`` and ``U = R⁻¹ = J M⁻¹ J``: one Cholesky and one triangular
+    solve, no explicit inverse. Computed in float64 (K×K only), returned in the dtype of ``hessian``.
+    """
+    h = hessian.double()
+    m, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+    if info.item() != 0:
+        return None
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    upper = torch.linalg.solve_triangular(m, eye, upper=False).flip(0, 1)
+    if not torch.isfinite(upper).all():
+        return None
+    return upper.to(hessian.dtype)
+
+
+def damped_inverse_cholesky(
+    hessian: torch.Tensor, damp: float, max_damp: float, factor: float = 2.0
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(U, dead, damp_used)``: :func:`prepare_hessian` then :func:`inverse_cholesky`, raising the
+    dampening by ``factor`` per retry while the factorization fails, up to ``max_damp``.
+
+    Raises :class:`CholeskyError` when even ``max_damp`` does not make ``H`` positive definite.
+    """
+    d = damp
+    while True:
+        h, dead = prepare_hessian(hessian, d)
+        upper = inverse_cholesky(h)
+        if upper is not None:
+            return upper, dead, d
+        if d >= max_damp:
+            raise CholeskyError(
+                f"the Hessian is not positive definite even with damp={d:g} (max_damp={max_damp:g}): "
+                "use more calibration samples, or raise max_damp"
+            )
+        d = min(max(d * factor, 1e-3), max_damp)
+
+
+def act_order_perm(hessian: torch.Tensor) -> torch.Tensor:
+    """Columns by descending Hessian diagonal (GPTQ's "act-order" heuristic); ties keep their order."""
+    return torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+
+
+def invert_perm(perm: torch.Tensor) -> torch.Tensor:
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype)
+    return inv
+
+
+# ---------------------------------------------------------------------------- quantization grid
+def clip_search(
+    w: torch.Tensor, args: QuantArgs, col_weight: torch.Tensor | None = None, norm: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero ``[R]`` for ``w [R, C]`` by a clipping search.
+
+    The range ``[min, max]`` of each row is shrunk by ``p`` over the grid ``1, 1 − 1/mse_grid, ...,
+    1 − mse_maxshrink`` and the ``p`` with the smallest ``Σ_j c_j |fake_quant(w)_j − w_j|^norm`` is
+    kept (GPTQ's reference clip search, with optional per-column weights ``c [C]``; with
+    ``c_j = 1/[H⁻¹]_jj`` the criterion is the GPTQ loss of Eq. 2 before error compensation).
+    """
+    from ..quant import fake_quant, qparams_from_range
+
+    norm = args.mse_norm if norm is None else norm
+    wf = w.float()
+    xmin, xmax = wf.min(dim=1).values, wf.max(dim=1).values
+    scale, zero = qparams_from_range(xmin, xmax, args.bits, args.sym)
+    best = torch.full_like(scale, float("inf"))
+    for i in range(int(args.mse_maxshrink * args.mse_grid)):
+        p = 1 - i / args.mse_grid
+        s, z = qparams_from_range(p * xmin, p * xmax, args.bits, args.sym)
+        e = (fake_quant(wf, s[:, None], z[:, None], args.maxq) - wf).abs_().pow_(norm)   # [R, C]
+        e = e.sum(1) if col_weight is None else e @ col_weight
+        better = e < best
+        best = torch.where(better, e, best)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+def group_qparams(
+    w: torch.Tensor, args: QuantArgs, col_weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zeros ``[N, G]`` of the contiguous column groups of ``w [N, K]`` (ragged last group);
+    with ``col_weight [K]``, each group's clip search weighs its columns by it (:func:`clip_search`)."""
+    n, k = w.shape
+    g = args.group_len(k)
+    if col_weight is None:
+        scale, zero = find_qparams(group_view(w, g), args)         # [N*G]
+        return scale.reshape(n, -1), zero.reshape(n, -1)           # [N, G]
+    cols = [clip_search(w[:, j:j + g], args, col_weight[j:j + g], norm=2.0) for j in range(0, k, g)]
+    return torch.stack([c[0] for c in cols], 1), torch.stack([c[1] for c in cols], 1)   # [N, G]
+
+
+# ---------------------------------------------------------------------------- the column loop
+@dataclass
+class ColumnResult:
+    """Output of :func:`gptq_columns`, all in processing column order."""
+
+    codes: torch.Tensor   # [N, K] uint8
+    scales: torch.Tensor  # [N, G] fp32 (groups along processing order), or [N, K] per column if fixed
+    zeros: torch.Tensor   # like scales, uint8
+    loss: float           # Σ (w − q)² / [H⁻¹]_qq / 2, the paper's layer loss estimate (Eq. 2)
+
+
+def gptq_columns(
+    weight: torch.Tensor,
+    upper: torch.Tensor,
+    args: QuantArgs,
+    block_size: int = 128,
+    scale: torch.Tensor | None = None,
+    zero: torch.Tensor | None = None,
+    loss_weighted_clip: bool = False,
+) -> ColumnResult:
+    """GPTQ's column loop with lazy block updates (Algorithm 1 of the paper), vectorized over rows.
+
+    ``weight [N, K]`` and ``upper [K, K]`` (:func:`damped_inverse_cholesky`) are in processing order.
+    Quantization parameters are either fixed per column (``scale``/``zero [N, K]``: per-channel or
+    static groups, computed before the loop) or, when ``None``, computed for each group of
+    ``args.group_len(K)`` consecutive columns when the loop reaches it, from the weights as already
+    updated by the earlier columns. For column ``i`` with ``d = U[i, i]``:
+    ``W[:, j] −= (w_i − quant(w_i)) · U[i, j] / d`` for ``j > i`` (Eq. 3 written with the Cholesky
+    rows); updates to columns beyond the current block of ``block_size`` are deferred and applied
+    as one matrix product per block (Sec. 4, "lazy batch-updates").
+    """
+    n, k = weight.shape
+    maxq = float(args.maxq)
+    wt = weight.float().t().contiguous()                           # [K, N]: column c of W is row wt[c]
+    fixed = scale is not None
+    g = args.group_len(k)
+    if fixed:
+        st, zt = scale.float().t().contiguous(), zero.float().t().contiguous()   # [K, N]
+        inv_st, zst = st.reciprocal(), zt * st
+    else:
+        # groups never straddle a block, so every group's qparams see fully updated weights
+        block_size = g * max(1, block_size // g)
+        scales = torch.empty(num_groups(k, g), n, dtype=torch.float32, device=wt.device)  # [G, N]
+        zeros = torch.empty_like(scales)
+    codes = torch.empty(k, n, dtype=torch.float32, device=wt.device)   # [K, N] codes as floats
+    diag = torch.diagonal(upper).float()
+    unit = upper.float() / diag[:, None]                            # rows of U scaled to a unit diagonal
+    inv_d2 = diag.pow(-2)                                           # 1/[H⁻¹]_jj: GPTQ loss weight per column
+    loss = 0.0
+    with single_thread():  # tiny, latency-bound ops: thread fork/join would cost more than the math
+        for i1 in range(0, k, block_size):
+            i2 = min(i1 + block_size, k)
+            w1 = wt[i1:i2]                                          # [B, N] view: updated in place
+            err1 = torch.empty_like(w1)                             # [B, N] errors w − q
+            u1 = unit[i1:i2, i1:i2]                                 # [B, B]
+            rows = zip(w1.unbind(0), codes[i1:i2].unbind(0), err1.unbind(0))   # [N] views per column
+            if fixed:
+                qp = zip(st[i1:i2].unbind(0), inv_st[i1:i2].unbind(0), zt[i1:i2].unbind(0), zst[i1:i2].unbind(0))
+            for i, (w, q, e) in enumerate(rows):
+                c = i1 + i
+                if fixed:
+                    s, inv_s, z, zs = next(qp)
+                elif c % g == 0:                                    # a group starts: its qparams, [N] each
+                    if loss_weighted_clip:
+                        s, z = clip_search(w1[i:i + g].t(), args, inv_d2[c:c + g], norm=2.0)
+                    else:
+                        s, z = find_qparams(w1[i:i + g].t(), args)
+                    scales[c // g], zeros[c // g] = s, z
+                    inv_s, zs = s.reciprocal(), z * s
+                torch.addcmul(z, w, inv_s, out=q).round_().clamp_(0.0, maxq)   # code = clamp(round(w/s + z))
+                torch.addcmul(w, q, s, value=-1.0, out=e).add_(zs)             # e = w − (code − z)·s
+                if c + 1 < i2:
+                    w1[i + 1:].addr_(u1[i, i + 1:], e, alpha=-1.0)              # in-block update
+            loss += float((err1.double() / diag[i1:i2, None].double()).pow(2).sum()) / 2   # Σ (w−q)²/d² / 2
+            if i2 < k:
+                wt[i2:].addmm_(unit[i1:i2, i2:].t(), err1, alpha=-1.0)           # lazy update of later blocks
+    codes_u8 = codes.t().to(torch.uint8)                                         # [N, K]
+    if fixed:
+        return ColumnResult(codes_u8, scale, zero.round().to(torch.uint8), loss)
+    return ColumnResult(codes_u8, scales.t().contiguous(), zeros.t().round().to(torch.uint8), loss)
+
+
+# ---------------------------------------------------------------------------- one whole layer
+@dataclass
+class PreparedHessian:
+    """What GPTQ needs of a Hessian, independent of the weight: reusable for every linear that reads
+    the same input (q/k/v, gate/up)."""
+
+    upper: torch.Tensor         # [K, K] upper Cholesky factor of the dampened H⁻¹, processing order
+    dead: torch.Tensor          # [K] bool, original order
+    perm: torch.Tensor | None   # processing order (act-order), or None
+    damp: float                 # dampening actually used (after Cholesky retries)
+
+
+def prepare(hessian: torch.Tensor, damp: float = 0.01, max_damp: float = 1.0, act_order: bool = False) -> PreparedHessian:
+    """Act-order permutation, dead columns, dampening and the inverse-Cholesky factor of ``H``."""
+    perm = act_order_perm(hessian) if act_order else None
+    h = hessian if perm is None else hessian[perm][:, perm]        # [K, K] processing order
+    upper, dead_p, damp_used = damped_inverse_cholesky(h, damp, max_damp)
+    dead = dead_p if perm is None else dead_p[invert_perm(perm)]   # back to original order
+    return PreparedHessian(upper, dead, perm, damp_used)
+
+
+@dataclass
+class GPTQResult:
+    """A quantized layer: ``codes [N, K]``, ``scales/zeros [N, G]`` in stored column order, and
+    ``perm`` (stored column j = original column ``perm[j]``) or ``None`` for original order."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    perm: torch.Tensor | None
+    loss: float
+    damp: float
+    dead: int
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    args: QuantArgs,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    static_groups: bool = True,
+    max_damp: float = 1.0,
+    prepared: PreparedHessian | None = None,
+    loss_weighted_clip: bool = False,
+) -> GPTQResult:
+    """Quantize ``weight [N, K]`` against the input Hessian ``H [K, K]`` with GPTQ.
+
+    - per-channel (``group_size=-1``): one scale per row from the whole (dead-column-zeroed) weight;
+    - groups, ``act_order=False``: contiguous groups, qparams when the loop reaches each group;
+    - groups, ``act_order=True, static_groups=True``: qparams of the original contiguous groups
+      computed up front, columns processed by descending ``diag(H)``, result stored in the original
+      order (``perm=None``: nothing to reorder at run time);
+    - groups, ``act_order=True, static_groups=False``: groups formed along the processing order,
+      stored in that order with ``perm`` (the "g_idx" form; the layer permutes its input).
+
+    ``prepared`` (from :func:`prepare` on the same ``hessian`` and options) skips the factorization.
+    """
+    n, k = weight.shape
+    if hessian.shape != (k, k):
+        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match weight shape {tuple(weight.shape)}")
+    if prepared is None:
+        prepared = prepare(hessian, damp, max_damp, act_order)
+    perm, dead = prepared.perm, prepared.dead
+    w = weight.float().clone()
+    w[:, dead] = 0.0                                               # inputs that are always zero
+    grouped = args.group_size != -1 and args.group_len(k) < k
+    col_w = None
+    if loss_weighted_clip:
+        col_w = torch.diagonal(prepared.upper).float().pow(-2)     # processing order
+        col_w = col_w if perm is None else col_w[invert_perm(perm)]   # original order
+    scale = zero = None
+    if not grouped:
+        s, z = find_qparams(w, args) if col_w is None else clip_search(w, args, col_w, norm=2.0)   # [N]
+        scale, zero = s[:, None].expand(n, k), z[:, None].expand(n, k)
+    elif perm is not None and static_groups:
+        gs, gz = group_qparams(w, args, col_w)                     # [N, G] original groups
+        gidx = torch.arange(k, device=w.device) // args.group_len(k)
+        scale, zero = gs[:, gidx[perm]], gz[:, gidx[perm]]          # [N, K] per processing column
+    wp = w if perm is None else w[:, perm]
+    res = gptq_columns(wp, prepared.upper, args, block_size, scale, zero, loss_weighted_clip)
+    codes = res.codes
+    if not grouped:
+        scales, zeros = res.scales[:, :1].contiguous(), res.zeros[:, :1].contiguous()
+    elif perm is not None and static_groups:
+        scales, zeros = gs, gz.round().to(torch.uint8)
+    else:
+        scales, zeros = res.scales, res.zeros
+    out_perm = perm
+    if perm is not None and (static_groups or not grouped):
+        codes = codes[:, invert_perm(perm)]                        # back to original column order
+        out_perm = None
+    if not math.isfinite(res.loss):
+        raise FloatingPointError("GPTQ produced a non-finite loss (NaN/Inf in the weights or the Hessian)")
+    return GPTQResult(codes, scales, zeros, out_perm, res.loss, prepared.damp, int(dead.sum()))

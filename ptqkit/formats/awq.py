@@ -1,0 +1,180 @@
+"""AWQ GEMM checkpoints (AutoAWQ ``version: gemm``, as transformers and vLLM read them).
+
+Per quantized linear ``name`` (K inputs, N outputs, G = K / group_size groups), 4-bit only:
+
+- ``name.qweight`` int32 ``[K, N/8]``: codes of output columns ``8j .. 8j+7`` in word ``j``,
+  interleaved: nibble ``i`` (bits ``4i .. 4i+3``) holds column ``8j + AWQ_ORDER[i]`` with
+  ``AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]`` (the order AWQ's GEMM kernel dequantizes in);
+- ``name.qzeros`` int32 ``[G, N/8]``: zero points, packed the same way (no offset);
+- ``name.scales`` ``[G, N]``; optional ``name.bias``;
+- ``w[n, k] = (code[k, n] − zero[k // group_size, n]) · scale[k // group_size, n]``;
+- ``quantization_config``: ``quant_method: awq``, ``bits: 4``, ``group_size``, ``zero_point``,
+  ``version: gemm``.
+
+AWQ has no ``g_idx``: act-order layers with several groups cannot be stored.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layers import QuantLinear, QuantLinearW8A8
+from ..models import set_submodule
+from .common import (
+    DEFAULT_SHARD_SIZE,
+    atomic_write,
+    divisors_hint,
+    empty_model,
+    finish_load,
+    float_tensors,
+    layer_bits_error,
+    load_tensors,
+    quant_layers,
+    quantization_config,
+    read_info,
+    save_tensors,
+    write_model_files,
+)
+from .gptq import original_order, skipped_block_linears
+
+log = logging.getLogger(__name__)
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)   # nibble i holds column AWQ_ORDER[i] of each 8-column block
+BITS = 4
+PACK = 32 // BITS
+
+
+# ---------------------------------------------------------------- pure conversions
+def awq_pack(values: torch.Tensor) -> torch.Tensor:
+    """4-bit codes ``[R, N]`` -> int32 ``[R, N/8]`` in AWQ's interleaved order."""
+    r, n = values.shape
+    v = values.to(torch.int64).reshape(r, n // PACK, PACK)[:, :, list(AWQ_ORDER)]   # [R, N/8, 8] nibble order
+    shifts = torch.arange(PACK, device=values.device) * BITS
+    words = (v << shifts).sum(-1)                                                  # [R, N/8]
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def awq_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`awq_pack`: int32 ``[R, W]`` -> uint8 ``[R, 8W]``."""
+    r, w = packed.shape
+    shifts = torch.arange(PACK, device=packed.device) * BITS
+    nib = (packed.to(torch.int64)[:, :, None] >> shifts) & 0xF                     # [R, W, 8] nibble order
+    out = torch.empty_like(nib)
+    out[:, :, list(AWQ_ORDER)] = nib                                               # column order
+    return out.reshape(r, w * PACK).to(torch.uint8)
+
+
+def to_awq(layer: QuantLinear) -> dict[str, torch.Tensor]:
+    """A 4-bit QuantLinear (no act-order, or a single group) as AWQ GEMM tensors."""
+    codes, _ = original_order(layer)                             # [N, K] original column order
+    out = {"qweight": awq_pack(codes.t()), "qzeros": awq_pack(layer.zeros), "scales": layer.scales}
+    if layer.bias is not None:
+        out["bias"] = layer.bias
+    return out
+
+
+def from_awq(t: dict[str, torch.Tensor], group_size: int, name: str, dtype: torch.dtype) -> QuantLinear:
+    """A QuantLinear from one layer's AWQ GEMM tensors (keys without the layer prefix)."""
+    codes = awq_unpack(t["qweight"])                             # [K, N]
+    k, n = codes.shape
+    group_len = k if group_size == -1 else group_size
+    g = t["scales"].shape[0]
+    if k % group_len or g != k // group_len or t["scales"].shape[1] != n:
+        raise ValueError(f"{name}: scales {tuple(t['scales'].shape)} do not fit K={k}, N={n}, group_size={group_size}")
+    if "qzeros" in t:
+        zeros = awq_unpack(t["qzeros"])                          # [G, N]
+    else:                                                        # zero_point: false -> symmetric around 8
+        zeros = torch.full((g, n), 2 ** (BITS - 1), dtype=torch.uint8)
+    return QuantLinear.from_codes(codes.t(), t["scales"].t(), zeros.t(), BITS, group_size, bias=t.get("bias"),
+                                  dtype=dtype)
+
+
+# ---------------------------------------------------------------- save
+def check_layer(name: str, m: nn.Module, group_size: int) -> None:
+    """Refuse (naming the layer and what would work) what an AWQ GEMM checkpoint cannot hold."""
+    if isinstance(m, QuantLinearW8A8):
+        raise layer_bits_error("awq", name, "it is a W8A8 layer (int8 activations), AWQ is weight-only",
+                               "use format='compressed-tensors' (int-quantized) or 'native'")
+    if m.bits != BITS:
+        raise layer_bits_error("awq", name, f"{m.bits}-bit weights (AWQ GEMM holds 4-bit only)",
+                               "quantize with bits=4, or use format='gptq' or 'compressed-tensors'")
+    if m.group_size != group_size:
+        raise layer_bits_error("awq", name, f"group_size={m.group_size} differs from the first layer's "
+                               f"{group_size} (one group size per checkpoint)", "use format='compressed-tensors'")
+    k, n = m.in_features, m.out_features
+    if m.group_size != -1 and k % m.group_size:
+        raise layer_bits_error("awq", name, f"in_features={k} is not a multiple of group_size={m.group_size} "
+                               "(ragged last group)", f"quantize with {divisors_hint(k)}, or use format='native'")
+    if n % PACK:
+        raise layer_bits_error("awq", name, f"out_features={n} is not a multiple of 8 (AWQ packs 8 columns a word)",
+                               "use format='gptq' or 'native'")
+    if m.perm is not None and m.group_len < k:
+        raise layer_bits_error("awq", name, "it was quantized with act-order (grouped columns permuted) and AWQ "
+                               "has no g_idx", "use format='gptq' (desc_act) or 'native', or quantize without act_order")
+
+
+def awq_config(group_size: int, skipped: list[str]) -> dict[str, Any]:
+    return {"quant_method": "awq", "bits": BITS, "group_size": group_size, "zero_point": True,
+            "version": "gemm", "modules_to_not_convert": skipped or None}
+
+
+def save_awq(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, report: Any = None,
+             dtype: torch.dtype | None = None, max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
+    """Write ``model`` as an AWQ GEMM checkpoint. ``dtype`` (e.g. ``torch.float16``, AWQ's usual)
+    casts scales and float weights; the default keeps the model's dtype (exact round trip)."""
+    layers = quant_layers(model)
+    if not layers:
+        raise ValueError("the model has no quantized layers: quantize it first, or save it with format='native'")
+    group_size = getattr(next(iter(layers.values())), "group_size", -1)
+    for name, m in layers.items():
+        check_layer(name, m, group_size)
+    tensors = float_tensors(model, dtype)
+    for name, m in layers.items():
+        for key, v in to_awq(m).items():
+            tensors[f"{name}.{key}"] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+    with atomic_write(path) as tmp:
+        write_model_files(tmp, model, tokenizer, fmt="awq", report=report, dtype=dtype,
+                          quantization_config=awq_config(group_size, skipped_block_linears(model)))
+        save_tensors(tensors, tmp, max_shard_size)
+    log.info("saved %d AWQ GEMM layers (4-bit, group %d) to %s", len(layers), group_size, path)
+    return Path(path).resolve()
+
+
+# ---------------------------------------------------------------- load
+def is_awq(path: Path) -> bool:
+    qc = quantization_config(path)
+    return isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "awq"
+
+
+def load_awq(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """A ptqkit model from an AWQ GEMM checkpoint (transformers' or AutoAWQ's config keys)."""
+    path = Path(path)
+    qc = quantization_config(path) or {}
+    version = str(qc.get("version", "gemm")).lower()
+    bits = int(qc.get("bits", qc.get("w_bit", BITS)))
+    group_size = int(qc.get("group_size", qc.get("q_group_size", 128)))
+    if version != "gemm" or bits != BITS:
+        raise ValueError(f"{path}: AWQ version={version!r}, bits={bits}: ptqkit reads version 'gemm' with 4 bits")
+    state = load_tensors(path)
+    model = empty_model(path, dtype, state)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    names = [k[: -len(".qweight")] for k in state if k.endswith(".qweight")]
+    for name in names:
+        lin = model.get_submodule(name)
+        own = {key: state.pop(f"{name}.{key}") for key in ("qweight", "qzeros", "scales", "bias")
+               if f"{name}.{key}" in state}
+        if "scales" not in own:
+            raise ValueError(f"{path}: layer {name} has a qweight but no scales")
+        layer = from_awq(own, group_size, name, dtype)
+        if (layer.in_features, layer.out_features) != (lin.in_features, lin.out_features):
+            raise ValueError(f"{path}: layer {name} holds a {layer.in_features}x{layer.out_features} weight, "
+                             f"the model config expects {lin.in_features}x{lin.out_features}")
+        set_submodule(model, name, layer)
+    info = read_info(path) or {"method": "awq"}
+    info["source_format"] = {"format": "awq", "version": version, "bits": bits, "group_size": group_size}
+    return finish_load(model, state, path, device, info)

@@ -1,0 +1,280 @@
+"""What every checkpoint format shares: atomic directories, sharded safetensors with an index,
+the files that travel with a model (config, generation config, tokenizer, ``ptqkit_report.json``)
+and rebuilding an empty model from a checkpoint's ``config.json``."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..layers import QuantLinear, QuantLinearW8A8
+
+log = logging.getLogger(__name__)
+
+SAFE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+REPORT_FILE = "ptqkit_report.json"
+DEFAULT_SHARD_SIZE = "5GB"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+# ---------------------------------------------------------------- atomic writes
+def atomic_dir(path: str | os.PathLike) -> tuple[Path, Path]:
+    """A fresh temporary directory beside ``path``; :func:`commit_dir` renames it into place."""
+    final = Path(path).resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent)), final
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by ``tmp``: the old content stays until the new one is complete."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """``with atomic_write(path) as tmp:`` write into ``tmp``; it becomes ``path`` only on success."""
+    tmp, final = atomic_dir(path)
+    try:
+        yield tmp
+        commit_dir(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- sharded safetensors
+def parse_size(size: int | str) -> int:
+    """``"5GB"``, ``"500MiB"`` or a byte count -> bytes."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(size))
+        if m is None or m.group(2).upper() not in _UNITS:
+            raise ValueError(f"max_shard_size={size!r} is not a size: use bytes (int) or e.g. '5GB', '500MB', '2GiB'")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise ValueError(f"max_shard_size={size!r} must be positive")
+    return n
+
+
+def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Greedy split of tensor names (in order) into shards of at most ``max_bytes``
+    (a tensor larger than that gets a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, n in sizes.items():
+        if shards[-1] and used + n > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += n
+    return shards
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+                 metadata: dict[str, str] | None = None) -> list[str]:
+    """Write ``tensors`` as ``model.safetensors``, or as ``model-0000i-of-0000n.safetensors`` shards
+    plus ``model.safetensors.index.json`` (the Hugging Face layout) when over ``max_shard_size``."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    sizes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
+    shards = plan_shards(sizes, parse_size(max_shard_size))
+    meta = {"format": "pt", **(metadata or {})}
+    if len(shards) == 1:
+        save_file(tensors, str(directory / SAFE_FILE), metadata=meta)
+        return [SAFE_FILE]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for fname, keys in zip(names, shards):
+        save_file({k: tensors[k] for k in keys}, str(directory / fname), metadata=meta)
+        weight_map.update({k: fname for k in keys})
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    log.info("wrote %d shards (%d tensors, %.1f MB)", len(names), len(tensors), sum(sizes.values()) / 1e6)
+    return names
+
+
+def load_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of ``model.safetensors`` or of the shards named in its index."""
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    if (d / INDEX_FILE).is_file():
+        weight_map = json.loads((d / INDEX_FILE).read_text())["weight_map"]
+        out: dict[str, torch.Tensor] = {}
+        for fname in sorted(set(weight_map.values())):
+            if not (d / fname).is_file():
+                raise FileNotFoundError(f"{d}: shard {fname} named in {INDEX_FILE} is missing")
+            out.update(load_file(str(d / fname)))
+        return out
+    if (d / SAFE_FILE).is_file():
+        return load_file(str(d / SAFE_FILE))
+    raise FileNotFoundError(f"{d} holds neither {SAFE_FILE} nor {INDEX_FILE}")
+
+
+# ---------------------------------------------------------------- model <-> directory
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without the second copy of tied tensors (safetensors refuses shared storage)."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in model.state_dict().items():
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen and v.numel() > 0:
+            continue
+        seen.add(ptr)
+        out[k] = v.detach().contiguous()
+    return out
+
+
+def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every ``QuantLinear`` / ``QuantLinearW8A8`` of ``model`` by full name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantLinearW8A8))}
+
+
+def float_tensors(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The state dict minus the quantized layers' buffers (embeddings, norms, lm_head, fp linears),
+    optionally cast to ``dtype``."""
+    skip = tuple(n + "." for n in quant_layers(model))
+    out = {}
+    for k, v in unique_state_dict(model).items():
+        if k.startswith(skip):
+            continue
+        out[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+    return out
+
+
+def write_model_files(tmp: Path, model: nn.Module, tokenizer: Any = None, fmt: str = "native",
+                      report: Any = None, quantization_config: dict[str, Any] | None = None,
+                      dtype: torch.dtype | None = None) -> None:
+    """config.json (with ``quantization_config`` when given), generation_config.json, the tokenizer
+    files and ``ptqkit_report.json`` into ``tmp``."""
+    model.config.save_pretrained(tmp)
+    config = json.loads((tmp / "config.json").read_text())
+    config.pop("quantization_config", None)
+    if dtype is not None:
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        config.pop("torch_dtype", None)
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    write_report(tmp, model, fmt, report)
+
+
+def write_report(directory: Path, model: nn.Module, fmt: str, report: Any = None) -> None:
+    """``ptqkit_report.json``: how the model was quantized (recipe, options, calibration
+    fingerprint, timings) and, when given, the evaluation metrics (a Report or a dict)."""
+    from .. import __version__
+
+    info = dict(getattr(model, "ptqkit_info", None) or {})
+    if hasattr(report, "to_dict"):
+        report = report.to_dict()
+    if report is not None and not isinstance(report, dict):
+        raise TypeError(f"report must be a ptqkit Report or a dict, got {type(report).__name__}")
+    data = {
+        "ptqkit_version": __version__,
+        "format": fmt,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "method": info.get("method"),
+        "recipe": info.get("recipe"),
+        "calibration_fingerprint": info.get("calibration_fingerprint"),
+        "quantization": info,
+        "metrics": report,
+    }
+    (directory / REPORT_FILE).write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def read_info(directory: Path) -> dict[str, Any]:
+    """``ptqkit_info`` back from ``ptqkit_report.json`` (empty when the checkpoint has none)."""
+    f = directory / REPORT_FILE
+    if not f.is_file():
+        return {}
+    data = json.loads(f.read_text())
+    return dict(data.get("quantization") or {})
+
+
+def read_config_json(directory: Path) -> dict[str, Any]:
+    f = directory / "config.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{directory} has no config.json: not a model checkpoint directory")
+    return json.loads(f.read_text())
+
+
+def quantization_config(directory: Path) -> dict[str, Any] | None:
+    """``config.json``'s ``quantization_config`` (``None`` when absent)."""
+    f = directory / "config.json"
+    if not f.is_file():
+        return None
+    return json.loads(f.read_text()).get("quantization_config")
+
+
+def empty_model(directory: Path, dtype: torch.dtype | None, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A full-precision model skeleton from ``config.json`` (its ``quantization_config`` dropped, so
+    transformers does not try to quantize it); dtype: ``dtype``, else that of the checkpoint's
+    first floating tensor that is not a scale."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(directory)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if dtype is None:
+        dtype = next((v.dtype for k, v in tensors.items()
+                      if v.is_floating_point() and "scale" not in k.rsplit(".", 1)[-1]), torch.float32)
+    try:  # every weight is overwritten by the checkpoint: skip the random initialisation
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def finish_load(model: nn.Module, state: dict[str, torch.Tensor], directory: Path, device: str | torch.device,
+                info: dict[str, Any]) -> nn.Module:
+    """Load the remaining (float) tensors strictly, tie embeddings, attach ``ptqkit_info``."""
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    done = tuple(n + "." for n in quant_layers(model))          # filled by the format's loader
+    missing = {k for k in missing if not k.startswith(done)}
+    if getattr(model.config, "tie_word_embeddings", False):
+        missing.discard("lm_head.weight")
+    if unexpected or missing:
+        raise ValueError(f"{directory}: checkpoint does not match the model (missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]})")
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.ptqkit_info = info
+    model.config.use_cache = False
+    return model.eval().to(device)
+
+
+def layer_bits_error(fmt: str, name: str, problem: str, fix: str) -> ValueError:
+    """A refusal naming the format, the layer, what is wrong and what would work."""
+    return ValueError(f"format {fmt!r} cannot hold layer {name}: {problem}; {fix}")
+
+
+def divisors_hint(in_features: int, choices: tuple[int, ...] = (32, 64, 128)) -> str:
+    ok = [g for g in choices if in_features % g == 0]
+    return ", ".join(f"group_size={g}" for g in ok + [-1])

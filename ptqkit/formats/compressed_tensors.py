@@ -1,0 +1,233 @@
+"""compressed-tensors checkpoints (llm-compressor's format, read by vLLM and by transformers with
+``compressed-tensors`` installed), written and read through the ``compressed_tensors`` library:
+its ``QuantizationScheme`` / ``QuantizationConfig`` describe the layers, its compressors pack them
+and ``ModelCompressor.update_config`` writes ``config.json``'s ``quantization_config``.
+
+- weight-only layers -> ``pack-quantized``: ``weight_packed`` int32 ``[N, ceil(K·bits/32)]``
+  (signed codes + 2**(bits-1), packed along K), ``weight_scale [N, G]``, ``weight_shape``,
+  ``weight_zero_point`` (signed, packed along N) when asymmetric;
+- W8A8 layers -> ``int-quantized``: ``weight`` int8 ``[N, K]``, ``weight_scale [N, 1]``, and for
+  static activations ``input_scale [1]``; activations int8 per token (dynamic) or per tensor.
+
+ptqkit's unsigned codes map to compressed-tensors' signed ones by ``q = code − 2**(bits−1)`` and
+``zero_point = zero − 2**(bits−1)``, so ``(q − zero_point)·scale = (code − zero)·scale``.
+compressed-tensors groups need K divisible by the group size, and 0.20 has no ``g_idx``
+(act-order with several groups), so such layers are refused.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layers import QuantLinear, QuantLinearW8A8
+from ..models import set_submodule
+from .common import (
+    DEFAULT_SHARD_SIZE,
+    atomic_write,
+    divisors_hint,
+    empty_model,
+    finish_load,
+    float_tensors,
+    layer_bits_error,
+    load_tensors,
+    quant_layers,
+    quantization_config,
+    read_info,
+    save_tensors,
+    write_model_files,
+)
+from .gptq import is_sym, original_order
+
+log = logging.getLogger(__name__)
+
+PACKED, INT = "pack-quantized", "int-quantized"
+
+
+# ---------------------------------------------------------------- schemes
+def layer_scheme(name: str, m: nn.Module) -> tuple[dict[str, Any], str]:
+    """The compressed-tensors scheme (as a dict for ``QuantizationScheme``) and format of a layer,
+    or a refusal naming the layer and what would work."""
+    if isinstance(m, QuantLinearW8A8):
+        acts = ({"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+                if m.input_scale is None else
+                {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False})
+        return {"weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
+                "input_activations": acts}, INT
+    k, g = m.in_features, m.scales.shape[0]
+    weights: dict[str, Any] = {"num_bits": m.bits, "type": "int", "symmetric": is_sym(m)}
+    if g == 1 and (m.group_size == -1 or k % m.group_size):   # one group per row: per channel
+        weights["strategy"] = "channel"
+    else:
+        if k % m.group_len:
+            raise layer_bits_error("compressed-tensors", name, f"in_features={k} is not a multiple of "
+                                   f"group_size={m.group_size} (compressed-tensors groups must divide K)",
+                                   f"quantize with {divisors_hint(k)}, or use format='native'")
+        if m.perm is not None:
+            raise layer_bits_error("compressed-tensors", name, "it was quantized with act-order over several "
+                                   "groups and compressed-tensors 0.20 has no g_idx",
+                                   "use format='gptq' (desc_act) or 'native', or quantize without act_order")
+        weights.update(strategy="group", group_size=m.group_len)
+    return {"weights": weights}, PACKED
+
+
+def compress_layer(m: nn.Module, scheme: Any, fmt: str) -> dict[str, torch.Tensor]:
+    """One layer's tensors in ``fmt``, packed by the compressed-tensors compressor for that format
+    from the exact dequantized weight (the compressor re-derives the integer codes from it)."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    if isinstance(m, QuantLinearW8A8):
+        state = {"weight": m.qweight.float() * m.weight_scale[:, None], "weight_scale": m.weight_scale[:, None].float()}
+        if m.input_scale is not None:
+            state["input_scale"] = m.input_scale.reshape(1).float()
+    else:
+        codes, _ = original_order(m)                             # [N, K] original column order
+        offset = 2 ** (m.bits - 1)
+        gidx = torch.arange(m.in_features) // m.group_len
+        scales = m.scales.t().float()                            # [N, G]
+        zeros = m.zeros.t().to(torch.int16)                      # [N, G]
+        w = (codes.to(torch.float32) - zeros[:, gidx].float()) * scales[:, gidx]   # [N, K] exact
+        state = {"weight": w, "weight_scale": scales,
+                 "weight_zero_point": (zeros - offset).to(torch.int8)}
+    out = BaseCompressor.get_value_from_registry(fmt).compress(state, scheme)
+    if isinstance(m, QuantLinear):                               # scales back to the layer's dtype (exact)
+        out = {k: v.to(m.scales.dtype) if v.is_floating_point() else v for k, v in out.items()}
+    if m.bias is not None:
+        out["bias"] = m.bias
+    return out
+
+
+def save_compressed_tensors(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, report: Any = None,
+                            dtype: torch.dtype | None = None,
+                            max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
+    """Write ``model`` as a compressed-tensors checkpoint: ``pack-quantized`` for weight-only
+    layers, ``int-quantized`` for W8A8 ones (``mixed-precision`` when both occur)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+    layers = quant_layers(model)
+    if not layers:
+        raise ValueError("the model has no quantized layers: quantize it first, or save it with format='native'")
+    groups: dict[str, tuple[dict[str, Any], str, list[str]]] = {}
+    for name, m in layers.items():
+        spec, fmt = layer_scheme(name, m)
+        key = json.dumps([spec, fmt], sort_keys=True)
+        groups.setdefault(key, (spec, fmt, []))[2].append(name)
+    fp_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    single = len(groups) == 1
+    schemes, tensors = {}, float_tensors(model, dtype)
+    for i, (spec, fmt, names) in enumerate(groups.values()):
+        scheme = QuantizationScheme(targets=["Linear"] if single else names, format=fmt, **spec)
+        schemes[f"group_{i}"] = scheme
+        for name in names:
+            for key, v in compress_layer(layers[name], scheme, fmt).items():
+                tensors[f"{name}.{key}"] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+    formats = {fmt for _, fmt, _ in groups.values()}
+    qconfig = QuantizationConfig(config_groups=schemes, format=formats.pop() if len(formats) == 1 else "mixed-precision",
+                                 quantization_status="compressed", ignore=fp_linears if single else [])
+    with atomic_write(path) as tmp:
+        write_model_files(tmp, model, tokenizer, fmt="compressed-tensors", report=report, dtype=dtype)
+        ModelCompressor(quantization_config=qconfig).update_config(str(tmp))
+        save_tensors(tensors, tmp, max_shard_size)
+    log.info("saved %d layers as compressed-tensors (%s) to %s", len(layers), qconfig.format, path)
+    return Path(path).resolve()
+
+
+# ---------------------------------------------------------------- load
+def is_compressed_tensors(path: Path) -> bool:
+    qc = quantization_config(path)
+    return isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "compressed-tensors"
+
+
+def parse_config(qc: dict[str, Any]) -> Any:
+    """``config.json``'s ``quantization_config`` as a compressed-tensors ``QuantizationConfig``."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    return QuantizationConfig.model_validate({k: v for k, v in qc.items() if k in QuantizationConfig.model_fields})
+
+
+def signed_codes(t: dict[str, torch.Tensor], scheme: Any, fmt: str, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Signed integer codes ``[N, K]`` (int8) and the signed zero points ``[N, G]`` of one layer."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+
+    w = scheme.weights
+    scale = t["weight_scale"]
+    zp = t.get("weight_zero_point")
+    if fmt == PACKED:
+        shape = torch.Size(t["weight_shape"].tolist())
+        q = unpack_from_int32(t["weight_packed"], w.num_bits, shape)
+        if zp is not None and not w.symmetric and zp.dtype == torch.int32:
+            zp = unpack_from_int32(zp, w.num_bits, torch.Size((shape[0], scale.shape[-1])), packed_dim=0)
+    elif fmt in (INT, "naive-quantized"):
+        q = t["weight"]
+    elif fmt == "dense":                     # fake-quantized float weights: re-derive the codes
+        q = quantize(t["weight"].float(), scale.float(), zp, w, dtype=torch.int8)
+    else:
+        raise ValueError(f"{name}: compressed-tensors format {fmt!r} is not supported by ptqkit "
+                         f"(it reads {PACKED}, {INT}, naive-quantized and dense)")
+    return q.to(torch.int8), (None if w.symmetric else zp)
+
+
+def build_layer(t: dict[str, torch.Tensor], scheme: Any, fmt: str, name: str, dtype: torch.dtype) -> nn.Module:
+    """A QuantLinear (weight-only) or QuantLinearW8A8 from one layer's compressed-tensors tensors."""
+    w, a = scheme.weights, scheme.input_activations
+    if w is None or w.type != "int" or w.strategy not in ("tensor", "channel", "group") or w.actorder == "group":
+        raise ValueError(f"{name}: compressed-tensors weights {w} are not integer tensor/channel/group "
+                         "quantization; ptqkit cannot represent them")
+    q, zp = signed_codes(t, scheme, fmt, name)
+    n, k = q.shape
+    scale = t["weight_scale"].reshape(n, -1) if t["weight_scale"].numel() > 1 else t["weight_scale"].reshape(1, 1).expand(n, 1)
+    offset = 2 ** (w.num_bits - 1)
+    if a is not None:
+        ok = (a.type == "int" and a.num_bits == 8 and a.symmetric and w.num_bits == 8 and w.symmetric
+              and w.strategy in ("tensor", "channel")
+              and ((a.strategy == "token" and a.dynamic) or (a.strategy == "tensor" and not a.dynamic)))
+        if not ok:
+            raise ValueError(f"{name}: activation scheme {a} with weights {w} is not W8A8 (int8 symmetric "
+                             "per-channel weights, int8 per-token dynamic or per-tensor static activations)")
+        layer = QuantLinearW8A8(k, n, bias="bias" in t, static=not a.dynamic, dtype=dtype)
+        layer.qweight.copy_(q)
+        layer.weight_scale.copy_(scale[:, 0].float())
+        if not a.dynamic:
+            layer.input_scale.fill_(float(t["input_scale"].reshape(-1)[0]))
+        if "bias" in t:
+            layer.bias.copy_(t["bias"])
+        return layer
+    group_size = w.group_size if w.strategy == "group" else -1
+    zeros = torch.full_like(scale, offset, dtype=torch.int16) if zp is None else zp.reshape(n, -1).to(torch.int16) + offset
+    codes = q.to(torch.int16) + offset
+    return QuantLinear.from_codes(codes.to(torch.uint8), scale, zeros, w.num_bits, group_size,
+                                  bias=t.get("bias"), dtype=dtype)
+
+
+def load_compressed_tensors(path: str | os.PathLike, device: str | torch.device = "cpu",
+                            dtype: torch.dtype | None = None) -> nn.Module:
+    """A ptqkit model from a compressed-tensors checkpoint (ptqkit's own or llm-compressor's)."""
+    from compressed_tensors.utils.match import match_named_modules
+
+    path = Path(path)
+    qconfig = parse_config(quantization_config(path) or {})
+    state = load_tensors(path)
+    model = empty_model(path, dtype, state)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    keys = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "input_scale", "bias")
+    for scheme in qconfig.config_groups.values():
+        fmt = scheme.format or qconfig.format
+        for name, lin in list(match_named_modules(model, scheme.targets, qconfig.ignore)):
+            if not isinstance(lin, nn.Linear):
+                raise ValueError(f"{path}: {name} ({type(lin).__name__}) is quantized; ptqkit handles nn.Linear only")
+            own = {key: state.pop(f"{name}.{key}") for key in keys if f"{name}.{key}" in state}
+            layer = build_layer(own, scheme, fmt, name, dtype)
+            if (layer.in_features, layer.out_features) != (lin.in_features, lin.out_features):
+                raise ValueError(f"{path}: layer {name} holds a {layer.in_features}x{layer.out_features} weight, "
+                                 f"the model config expects {lin.in_features}x{lin.out_features}")
+            set_submodule(model, name, layer)
+    info = read_info(path) or {"method": "compressed-tensors"}
+    info["source_format"] = {"format": "compressed-tensors", "compression": qconfig.format}
+    return finish_load(model, state, path, device, info)

@@ -1,0 +1,250 @@
+"""``ptqkit compare``: methods x bits x group sizes under one calibration set and one protocol.
+
+One calibration set (fingerprinted) serves every combination; the unquantized model is evaluated
+once and its logits are cached on disk and replayed for every combination's KL / top-1.
+``results.json`` is rewritten atomically after each finished combination, so a rerun skips them.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import api, models
+from .. import evaluation as _evaluation
+from ..calibration.data import load_calibration, load_eval_ids
+from ..config import build_recipe
+from ..evaluation.plots import plot_ppl_by_bits, plot_size_vs_ppl
+from ..formats.common import atomic_write
+from ..models import DEFAULT_MODEL
+from .run import PeakMemory, _clean_stale, _digest, _read_json, _row, _write_json, summary_line
+from .spec import CalibrationSpec, EvaluationSpec, SpecError, recipe_steps
+
+log = logging.getLogger(__name__)
+
+RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
+PLOT_BITS, PLOT_SIZE = "ppl_by_bits.png", "size_vs_ppl.png"
+
+
+# ----------------------------------------------------------------------------- compare
+@dataclass
+class Combination:
+    method: str  # a registry name or a "+"-joined recipe
+    label: str  # e.g. "gptq-w4g128", "smoothquant-w8a8"
+    options: dict[str, Any]  # everything passed to ptqkit.quantize (bits, group_size included)
+    bits: int
+    group_size: int
+
+
+def plan(methods: Sequence[str], bits: Sequence[int], group_sizes: Sequence[int],
+         options: dict[str, Any] | None = None) -> list[Combination]:
+    """Every method x bits x group size, validated (``build_recipe``) before any model loads.
+
+    A recipe whose quantizer is W8A8 (SmoothQuant) fixes its grid: it runs once at that grid.
+    """
+    combos, problems = [], []
+    for m in dict.fromkeys(methods):  # each method once, in the order given
+        steps = recipe_steps(m)
+        try:
+            q = build_recipe(steps, options)[-1].config
+        except ValueError as e:
+            problems.append(f"method {m!r}: {e}")
+            continue
+        if getattr(q, "activations", None) is not None:
+            log.info("%s quantizes W8A8 (8-bit per-channel weights): it runs once, whatever --bits/--group-size", m)
+            combos.append(Combination(m, f"{m}-w8a8", dict(options or {}), q.bits, q.group_size))
+            continue
+        for b in bits:
+            for g in group_sizes:
+                opts = {**(options or {}), "bits": b, "group_size": g}
+                try:
+                    build_recipe(steps, opts)
+                except ValueError as e:
+                    problems.append(f"method {m!r} at bits={b}, group_size={g}: {e}")
+                    continue
+                combos.append(Combination(m, f"{m}-w{b}" + ("pc" if g == -1 else f"g{g}"), opts, b, g))
+    if problems:
+        raise SpecError(problems)
+    return combos
+
+
+class CachedBaseline(nn.Module):
+    """The unquantized model's logits per evaluation window, computed once and stored in ``directory``
+    (fp32 safetensors, keyed by the window's token ids), then replayed for every combination's KL /
+    top-1. Exact: the replayed tensors are the very logits a fresh forward would give."""
+
+    def __init__(self, model: nn.Module, directory: Path) -> None:
+        super().__init__()
+        self.model, self.directory = model, Path(directory)
+        self.config = getattr(model, "config", None)
+        self.hits = 0
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        from safetensors.torch import load_file, save_file
+
+        path = self.directory / f"{_digest(input_ids.cpu().tolist())}.safetensors"
+        if path.is_file():
+            self.hits += 1
+            return load_file(str(path))["logits"].to(input_ids.device)
+        out = self.model(input_ids, **kwargs)
+        logits = out if isinstance(out, torch.Tensor) else out.logits if hasattr(out, "logits") else out[0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file({"logits": logits.detach().float().cpu().contiguous()}, str(tmp))
+        os.replace(tmp, path)
+        return logits
+
+
+def _weights_digest(model: nn.Module) -> str:
+    with torch.no_grad():
+        return _digest([(n, float(p.double().sum()), list(p.shape)) for n, p in model.state_dict().items()])
+
+
+@dataclass
+class _Setup:
+    """What every combination of one ``compare`` run shares."""
+
+    model: str
+    fp: nn.Module
+    tok: Any
+    calib: Any  # CalibrationSet
+    eval_ids: torch.Tensor  # [T], tokenized once
+    ev: EvaluationSpec
+    baseline: CachedBaseline
+    quantize_kw: dict[str, Any]
+
+    def evaluate(self, model: nn.Module, baseline: nn.Module | None = None) -> Any:
+        rep = _evaluation.evaluate(model, self.tok, baseline=baseline, dataset=self.eval_ids, seqlen=self.ev.seqlen,
+                                   max_windows=self.ev.max_windows, device=self.quantize_kw["device"])
+        rep.protocol["dataset"] = self.ev.dataset
+        return rep
+
+
+def _run_combination(s: _Setup, c: Combination, out: Path, save_format: str | None) -> dict[str, Any]:
+    """Quantize a copy of the fp model, evaluate it against the cached baseline, write ``runs/<label>``."""
+    _clean_stale(out)
+    q = copy.deepcopy(s.fp)
+    with PeakMemory() as mem:
+        t = time.perf_counter()
+        api.quantize(q, recipe_steps(c.method), tokenizer=s.tok, calibration=s.calib, num_samples=len(s.calib),
+                     seqlen=s.calib.seqlen, **s.quantize_kw, **c.options)
+        quant_s = time.perf_counter() - t
+    q.ptqkit_info["model"] = s.model
+    rep = s.evaluate(q, baseline=s.baseline)
+    with atomic_write(out) as tmp:
+        if save_format:
+            api.save(q, tmp, format=save_format, tokenizer=s.tok, report=rep)
+        rep.to_json(tmp / "report.json")
+    return _row(rep, q, quant_s, mem)
+
+
+def compare(model: str | tuple[nn.Module, Any] = DEFAULT_MODEL, methods: Sequence[str] = ("rtn",),
+            bits: Sequence[int] = (4,), group_sizes: Sequence[int] = (128,),
+            output: str | os.PathLike = "ptqkit-compare",
+            calibration: CalibrationSpec | None = None, evaluation: EvaluationSpec | None = None,
+            options: dict[str, Any] | None = None, ignore: list[str] | None = None, force: bool = False,
+            save_format: str | None = None, batch_size: int = 8, pipeline: str = "sequential",
+            device: str | None = None, keep_cache: bool = False) -> dict[str, Any]:
+    """Compare methods under one calibration set and one evaluation protocol; returns ``results.json``'s content.
+
+    ``model`` is a name for ``ptqkit.load_model`` or a loaded ``(model, tokenizer)`` (left unchanged).
+    Writes ``results.json`` (after every finished combination), ``results.md``, ``ppl_by_bits.png``,
+    ``size_vs_ppl.png`` and ``runs/<label>/report.json`` (+ the checkpoint with ``save_format``).
+    Finished combinations (same model, method, grid, options, calibration fingerprint, protocol)
+    are skipped unless ``force``; failed ones are recorded and retried on the next run.
+    """
+    cal, ev = calibration or CalibrationSpec(), evaluation or EvaluationSpec()
+    combos = plan(methods, bits, group_sizes, options)  # every combination validated before the model loads
+    out = Path(output)
+    results = _read_json(out / RESULTS_JSON) or {}
+    results.setdefault("runs", {})
+    results.setdefault("baselines", {})
+    fp, tok = models.load_model(model) if isinstance(model, (str, os.PathLike)) else model
+    model = str(model) if isinstance(model, (str, os.PathLike)) else fp.config._name_or_path or type(fp).__name__
+    calib = load_calibration(cal.source, tok, num_samples=cal.num_samples, seqlen=cal.seqlen, seed=cal.seed)
+    bkey = _digest([model, _weights_digest(fp), dataclasses.asdict(ev)])
+    s = _Setup(model, fp, tok, calib, load_eval_ids(ev.dataset, tok), ev,
+               CachedBaseline(fp, out / ".cache" / f"fp-logits-{bkey}"),
+               dict(seed=cal.seed, ignore=ignore, device=device, batch_size=batch_size, pipeline=pipeline))
+    if bkey not in results["baselines"] or force:
+        t = time.perf_counter()
+        rep = s.evaluate(s.baseline)  # the fp model, once: its logits stay in the cache
+        results["baselines"][bkey] = {"ppl": rep.ppl_q, "size_mb": api.model_size_mb(fp), "protocol": rep.protocol,
+                                      "eval_s": time.perf_counter() - t}
+    base = results["baselines"][bkey]
+    results.update(model=model, baseline=bkey, versions=_evaluation.versions(), evaluation=dataclasses.asdict(ev),
+                   calibration={**dataclasses.asdict(cal), "fingerprint": calib.fingerprint,
+                                "description": calib.source},
+                   settings={"ignore": ignore, "pipeline": pipeline, "batch_size": batch_size})
+    keys = [_digest([model, c.method, c.options, calib.fingerprint, bkey, ignore, pipeline]) for c in combos]
+    results["current"] = keys  # this run's combinations (results.json keeps older ones too)
+    _write_json(out / RESULTS_JSON, results)
+    for c, key in tqdm(list(zip(combos, keys)), desc="compare", unit="run"):
+        prev = results["runs"].get(key)
+        if prev and prev.get("status") == "done" and not force:
+            log.info("%s", summary_line(c.label, {**prev, "status": "skipped: already done"}))
+            continue
+        meta = {"label": c.label, "method": c.method, "bits": c.bits, "group_size": c.group_size, "options": c.options}
+        try:
+            row = {**meta, **_run_combination(s, c, out / "runs" / c.label, save_format)}
+        except Exception as e:  # noqa: BLE001  (a failed combination is recorded; the others go on)
+            log.debug("%s failed", c.label, exc_info=True)
+            row = {**meta, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+        results["runs"][key] = row
+        _write_json(out / RESULTS_JSON, results)  # after every combination: a rerun skips it
+        (log.error if row["status"] == "failed" else log.info)("%s", summary_line(c.label, row))
+    rows = [results["runs"][k] for k in keys]
+    _write_text(out / RESULTS_MD, results_markdown(results, rows))
+    done = [r for r in rows if r["status"] == "done"]
+    plot_ppl_by_bits(done, base["ppl"], out / PLOT_BITS)
+    plot_size_vs_ppl(done, base["ppl"], base["size_mb"], out / PLOT_SIZE)
+    if len(done) == len(rows) and not keep_cache:
+        shutil.rmtree(out / ".cache", ignore_errors=True)
+    return results
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def results_markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The comparison table with the protocol it was measured under."""
+    base = results["baselines"][results["baseline"]]
+    cal, proto = results["calibration"], base["protocol"]
+    f = lambda x, s: "–" if x is None else format(x, s)  # noqa: E731
+    lines = [
+        f"# {results['model']}: method comparison", "",
+        f"- calibration: `{cal['description']}`, {cal['num_samples']} x {cal['seqlen']} tokens, "
+        f"fingerprint `{cal['fingerprint'][:16]}`",
+        f"- evaluation: {proto['dataset']}, {proto['windows']} windows x {proto['seqlen']} tokens "
+        f"({proto['scored_tokens']} scored), max_windows={results['evaluation']['max_windows']}",
+        f"- unquantized: ppl {base['ppl']:.4f}, {base['size_mb']:.1f} MB",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()), "",
+        "| method | bits | group | ppl | Δ | Δ% | KL | top-1 % | quantize (s) | peak mem (MiB) | size (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        g = "per-channel" if r["group_size"] == -1 else r["group_size"]
+        if r["status"] != "done":
+            err = str(r.get("error", "")).replace("|", "/").replace("\n", " ")[:100]
+            lines.append(f"| {r['method']} | {r['bits']} | {g} | failed: {err} | | | | | | | |")
+            continue
+        top1 = None if r["top1"] is None else 100 * r["top1"]
+        lines.append(f"| {r['method']} | {r['bits']} | {g} | {f(r['ppl'], '.4f')} | {f(r['delta'], '+.4f')} "
+                     f"| {f(r['delta_pct'], '+.2f')} | {f(r['kl'], '.5f')} | {f(top1, '.2f')} | {r['quantize_s']:.1f} "
+                     f"| {r['peak_mem_mb']:.0f} | {r['size_mb']:.1f} |")
+    lines += ["", "KL: mean KL(fp ‖ quantized) per token, nats. Peak memory: process RSS above its level "
+              "before quantizing (sampled every 20 ms). Size: parameters and buffers in memory, MB of 2^20 bytes.", ""]
+    return "\n".join(lines)
