@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -261,8 +260,9 @@ RT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("fmt,opts,q", RT_CASES, ids=[f"{f}-{q['bits']}b-g{q['group_size']}-{'sym' if q['sym'] else 'asym'}"
-                                                      for f, _, q in RT_CASES])
+@pytest.mark.parametrize("fmt,opts,q", RT_CASES,
+                         ids=[f"{f}-{q['bits']}b-g{q['group_size']}-{'sym' if q['sym'] else 'asym'}"
+                              for f, _, q in RT_CASES])
 def test_roundtrip_identical_codes_and_logits(tmp_path, fmt, opts, q):
     model = quantize_randomly(tiny_model(), **q)
     ref = logits(model)
@@ -624,8 +624,9 @@ GPTQ_HF_CASES = [
 @pytest.mark.skipif(not GPTQ_BACKEND, reason="transformers' GPTQ path needs gptqmodel + optimum; gptqmodel 7.7 "
                     "pulls torch 2.14, 7.6 pins numpy 2.2.6: install it in a separate venv "
                     "(python -m venv --system-site-packages; pip install gptqmodel==7.6.0 optimum torch==2.13.0)")
-@pytest.mark.parametrize("version,q", GPTQ_HF_CASES, ids=[f"{v}-{q['bits']}b-g{q['group_size']}-{'ao' if q.get('act_order') else 'no-ao'}"
-                                                         for v, q in GPTQ_HF_CASES])
+@pytest.mark.parametrize("version,q", GPTQ_HF_CASES,
+                         ids=[f"{v}-{q['bits']}b-g{q['group_size']}{'-actorder' if q.get('act_order') else ''}"
+                              for v, q in GPTQ_HF_CASES])
 def test_transformers_loads_gptq_tiny(tmp_path, version, q):
     """transformers' own GPTQ path (GPTQModel's CPU kernel) reads ptqkit's GPTQ file: its dequantized
     weights are ptqkit's (to fp16 rounding: GPTQModel computes in fp16) and the logits agree."""

@@ -246,17 +246,24 @@ def test_bad_alpha_is_a_clear_error(alpha) -> None:
         SmoothQuantConfig(alpha=alpha)
     with pytest.raises(ValueError, match="alpha"):
         build_recipe("smoothquant", {"alpha": alpha})
+    if alpha is not None:
+        with pytest.raises(ValueError, match="linear_alpha"):
+            SmoothQuantConfig(linear_alpha=alpha)
 
 
 def test_config_accepts_bounds_and_auto() -> None:
     assert SmoothQuantConfig(alpha=0).alpha == 0.0
     assert SmoothQuantConfig(alpha=1).alpha == 1.0
     assert SmoothQuantConfig(alpha=" Auto ").alpha == "auto"
+    assert SmoothQuantConfig(linear_alpha=None).linear_alpha is None
+    assert SmoothQuantConfig(linear_alpha="auto").linear_alpha == "auto"
     assert SmoothQuantConfig(alpha_grid=[0.2, 0.6]).alpha_grid == (0.2, 0.6)
     with pytest.raises(ValueError, match="alpha_grid"):
         SmoothQuantConfig(alpha_grid=[0.5, 1.2])
     with pytest.raises(ValueError, match="alpha_grid"):
         SmoothQuantConfig(alpha_grid=[])
+    with pytest.raises(ValueError, match="alpha_grid"):
+        SmoothQuantConfig(alpha_grid=["auto"])
     with pytest.raises(ValueError, match="alpha_samples"):
         SmoothQuantConfig(alpha_samples=0)
 
@@ -307,12 +314,12 @@ def test_smooth_model_is_exact_and_reports_outliers(tiny_llama) -> None:
     assert sq.stats["model.layers.0.mlp.down_proj"]["smoothed_by"] == "model.layers.0.mlp.up_proj"
     assert sq.stats["model.layers.0.self_attn.o_proj"]["smoothed_by"] is None  # GQA: v -> o does not fold
     assert "model.layers.1.self_attn.k_proj" not in sq.stats   # ignored: scaled (exactness) but not reported
-    with pytest.raises(ValueError, match="numeric alpha"):
+    with pytest.raises(ValueError, match="numeric strengths"):
         smooth_model(model, ids, alpha="auto")
 
 
 def test_linear_mappings_with_and_without_gqa() -> None:
-    """Without grouped-query attention v -> o folds too (exactly); linear_mappings=False keeps
+    """Without grouped-query attention v -> o folds too (exactly); linear_alpha=None keeps
     only the norm mappings."""
     def tiny(kv_heads: int) -> LlamaForCausalLM:
         torch.manual_seed(8)
@@ -326,7 +333,7 @@ def test_linear_mappings_with_and_without_gqa() -> None:
     sq = smooth_model(mha, _ids(4, 32, 17), alpha=0.6)
     assert ((_logits(mha, ids) - ref).norm() / ref.norm()).item() < 1e-5
     assert sq.stats["model.layers.1.self_attn.o_proj"]["smoothed_by"] == "model.layers.1.self_attn.v_proj"
-    st = smooth_model(tiny(2), _ids(4, 32, 17), alpha=0.6, linear_mappings=False).stats
+    st = smooth_model(tiny(2), _ids(4, 32, 17), alpha=0.6, linear_alpha=None).stats
     assert st["model.layers.0.mlp.down_proj"]["smoothed_by"] is None
     assert st["model.layers.0.mlp.up_proj"]["smoothed_by"] == "model.layers.0.post_attention_layernorm"
 
@@ -369,13 +376,57 @@ def test_alpha_auto_picks_the_least_error(tiny_llama) -> None:
     calib = _ids(8, 32, 13)
     grid = (0.2, 0.5, 0.8)
     q = ptqkit.quantize(copy.deepcopy(fp), method="smoothquant", calibration=calib, alpha="auto",
-                        alpha_grid=grid, alpha_samples=4, batch_size=4)
+                        linear_alpha="auto", alpha_grid=grid, alpha_samples=4, batch_size=4)
     for i in range(2):
         st = q.ptqkit_info["layers"][f"model.layers.{i}"]
-        assert set(st["alpha_errors"]) == set(grid)
-        assert st["alpha"] == min(st["alpha_errors"], key=st["alpha_errors"].get)
-        assert q.ptqkit_info["layers"][f"model.layers.{i}.mlp.up_proj"]["alpha"] == st["alpha"]
-        assert all(math.isfinite(e) for e in st["alpha_errors"].values())
+        for key, errs in (("alpha", "alpha_errors"), ("linear_alpha", "linear_alpha_errors")):
+            assert set(st[errs]) == set(grid) and all(math.isfinite(e) and e > 0 for e in st[errs].values())
+            assert st[key] == min(st[errs], key=st[errs].get)
+        layers = q.ptqkit_info["layers"]
+        assert layers[f"model.layers.{i}.mlp.up_proj"]["alpha"] == st["alpha"]
+        assert layers[f"model.layers.{i}.mlp.down_proj"]["alpha"] == st["linear_alpha"]
+
+
+def test_alpha_search_trial_matches_a_direct_computation(tiny_llama) -> None:
+    """One search trial's error equals the block-output MSE of a block smoothed with that α and
+    quantized by the recipe's own RTN W8A8 quantizer (and the trial leaves the block as it was)."""
+    from ptqkit.calibration.runner import BlockContext, block_output
+    from ptqkit.models import architecture, find_linears, set_submodule
+
+    model = _outlier_llama(tiny_llama)
+    block = model.model.layers[0]
+    captured = []
+    hook = block.register_forward_pre_hook(lambda m, a, kw: captured.append((a[0] if a else kw["hidden_states"], kw)),
+                                           with_kwargs=True)
+    _logits(model, _ids(2, 24, 18))
+    hook.remove()
+    h, kw = captured[0]
+    kw = {k: v for k, v in kw.items() if k in ("attention_mask", "position_ids", "position_embeddings")}
+    qargs = RTNConfig(bits=8, group_size=-1, sym=True, activations="dynamic")
+    linears = find_linears(block, None, "model.layers.0.")
+    ctx = BlockContext(0, "model.layers.0", linears, [h], [kw], torch.device("cpu"), architecture(model), qargs)
+    sq = SmoothQuant(SmoothQuantConfig(alpha=0.7, linear_alpha=0.4))
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: sq.observe(f"model.layers.0.{n}", mod, a[0], o))
+             for n, m in linears.items()]
+    with torch.no_grad():
+        ref = block_output(block(h, **kw))
+    for hk in hooks:
+        hk.remove()
+    groups = sq._groups(block, ctx)
+    state = copy.deepcopy(block.state_dict())
+    saved = [(p, p.detach().clone()) for p in block.parameters()]
+    with torch.no_grad():
+        err = sq._trial(block, ctx, groups, {"norm": 0.7, "linear": 0.4}, [0], [ref], saved)
+    assert all(torch.equal(v, block.state_dict()[k]) for k, v in state.items())
+    assert all(block.get_submodule(n) is m for n, m in linears.items())
+    direct = copy.deepcopy(block)
+    sq.apply(direct, ctx)                                   # fixed strengths 0.7 / 0.4
+    rtn = RTN(qargs)
+    for n in linears:
+        set_submodule(direct, n, rtn.quantize(n, direct.get_submodule(n)))
+    with torch.no_grad():
+        out = block_output(direct(h, **kw))
+    assert err == pytest.approx((out - ref).pow(2).mean().item(), rel=1e-5)
 
 
 @pytest.mark.skipif("gptq" not in ptqkit.ALGORITHMS, reason="GPTQ is not registered yet")

@@ -265,9 +265,11 @@ class AWQ(Transform):
         self._last: tuple[torch.Tensor, str] | None = None
         self._gen = torch.Generator().manual_seed(0)
         self._logged: set[str] = set()
+        self._observe_s = 0.0
 
     # ------------------------------------------------------------------ statistics
     def observe(self, name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        t0 = time.perf_counter()
         key = self._alias.get(name)
         if key is None:  # linears called one after another on the same tensor share its statistics
             key = self._last[1] if self._last is not None and self._last[0] is x else name
@@ -279,6 +281,7 @@ class AWQ(Transform):
         k = self.config.clip_tokens
         sample = None if k is None or k >= n else torch.randperm(n, generator=self._gen)[:k]
         self._inputs.setdefault(name, _Inputs()).add(x.detach(), sample, self.config.search_tokens, self._gen)
+        self._observe_s += time.perf_counter() - t0
 
     def _stats(self, ctx: Any, rel: str) -> _Inputs | None:
         full = f"{ctx.prefix}.{rel}"
@@ -479,7 +482,7 @@ class AWQ(Transform):
             if not hasattr(ctx.qargs, attr) or not hasattr(ctx.qargs, "group_len"):
                 raise ValueError(f"AWQ searches against the quantizer's weight grid, but its config "
                                  f"{type(ctx.qargs).__name__} has no {attr!r}/group_size")
-        info: dict[str, Any] = {"mappings": []}
+        info: dict[str, Any] = {"mappings": [], "observe_s": self._observe_s}
         try:
             if self.config.scale_search:
                 folds = self._mappings(block, ctx)
@@ -499,5 +502,6 @@ class AWQ(Transform):
             self._inputs.clear()
             self._alias.clear()
             self._last = None
+            self._observe_s = 0.0
         info["awq_s"] = time.perf_counter() - t0
         self.stats[f"{ctx.prefix}.awq"] = info

@@ -11,17 +11,18 @@ Which mappings (the architecture preset's ``ptqkit.models.Mapping`` entries):
 - norm → linears (QKV after ``input_layernorm``, gate/up after ``post_attention_layernorm``),
   as in the paper: ``s`` divides the norm's weight (and bias);
 - linear → linear where the producer's output rows map one-to-one onto the consumer's input
-  columns (``linear_mappings=True``, the default): up → down, and v → o without grouped-query
-  attention. ``s`` divides the producer's rows (and bias); with per-output-channel weights the
+  columns, with their own strength ``linear_alpha`` (``None``: skipped): up → down, and v → o
+  without grouped-query attention. ``s`` divides the producer's rows (and bias); with per-output-channel weights the
   producer's quantization is unchanged by it. On SmolLM2 the input of ``down_proj`` (SwiGLU
   products) carries the largest outliers and, once QKV/gate/up are smoothed, most of the W8A8
   error, so this mapping roughly halves the perplexity loss. v → o under grouped-query attention
   (``v_proj`` has fewer rows than ``o_proj`` has columns) is skipped.
 
-``alpha="auto"`` picks α per block from ``alpha_grid``: each candidate is folded in, every
-linear of the block is quantized with the recipe's grid (W8A8 through the exact int8 reference
-path) and the block runs on ``alpha_samples`` calibration sequences; the α with the smallest
-mean squared error against the fp block output wins.
+``alpha="auto"`` (and/or ``linear_alpha="auto"``) picks the strength per block from ``alpha_grid``:
+each candidate is folded in, every linear of the block is quantized with the recipe's grid (W8A8
+through the exact int8 reference path) and the block runs on ``alpha_samples`` calibration
+sequences; the α with the smallest mean squared error against the fp block output wins. With
+both on auto, ``alpha`` is searched first (``linear_alpha`` held at 0.5), then ``linear_alpha``.
 """
 from __future__ import annotations
 
@@ -45,42 +46,45 @@ DEFAULT_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 EPS = 1e-5
 
 
-def _check_alpha(alpha: Any, what: str) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0 or math.isnan(alpha):
+def _strength(value: Any, what: str, allow_auto: bool = True) -> float | str:
+    """A validated migration strength: a number in [0, 1], or ``"auto"``."""
+    if allow_auto and isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value <= 1.0:
         raise ValueError(
-            f"{what}={alpha!r} is not valid: SmoothQuant's migration strength is a number in [0, 1] "
-            "(0.5 balances activations and weights, 0.8 pushes more into the weights) or 'auto'"
+            f"{what}={value!r} is not valid: SmoothQuant's migration strength is a number in [0, 1] "
+            "(0.5 balances activations and weights, 0.8 pushes more into the weights)"
+            + (" or 'auto'" if allow_auto else "")
         )
+    return float(value)
 
 
 @dataclass
 class SmoothQuantConfig:
-    """``alpha``: migration strength in [0, 1], or ``"auto"`` (per-block search over
-    ``alpha_grid`` on ``alpha_samples`` calibration sequences). ``linear_mappings``: also smooth
-    linear → linear mappings where exact (up → down; v → o without grouped-query attention)."""
+    """SmoothQuant options.
+
+    - ``alpha``: migration strength of the norm → linears mappings (the paper's α), in [0, 1],
+      or ``"auto"``: searched per block over ``alpha_grid`` on ``alpha_samples`` sequences;
+    - ``linear_alpha``: the same for linear → linear mappings (up → down; v → o without
+      grouped-query attention), or ``None`` to smooth the norm mappings only, as the paper does.
+      Its own default (0.5) because ``down_proj``'s weights absorb less than the QKV/gate/up ones:
+      on SmolLM2 α = 0.8 there costs more than it gains, while 0.8 suits the norm mappings.
+    """
 
     alpha: float | str = 0.5
+    linear_alpha: float | str | None = 0.5
     alpha_grid: Sequence[float] = DEFAULT_GRID
-    alpha_samples: int = 16
-    linear_mappings: bool = True
+    alpha_samples: int = 8
 
     def __post_init__(self) -> None:
-        if isinstance(self.alpha, str):
-            if self.alpha.strip().lower() != "auto":
-                raise ValueError(f"alpha={self.alpha!r} is not valid: give a number in [0, 1] or 'auto'")
-            self.alpha = "auto"
-        else:
-            _check_alpha(self.alpha, "alpha")
-            self.alpha = float(self.alpha)
-        if isinstance(self.alpha_grid, (int, float)) or not len(self.alpha_grid):
+        self.alpha = _strength(self.alpha, "alpha")
+        if self.linear_alpha is not None:
+            self.linear_alpha = _strength(self.linear_alpha, "linear_alpha")
+        if isinstance(self.alpha_grid, (int, float, str)) or not len(self.alpha_grid):
             raise ValueError(f"alpha_grid={self.alpha_grid!r}: give a non-empty list of numbers in [0, 1]")
-        for a in self.alpha_grid:
-            _check_alpha(a, "alpha_grid entry")
-        self.alpha_grid = tuple(float(a) for a in self.alpha_grid)
+        self.alpha_grid = tuple(_strength(a, "alpha_grid entry", allow_auto=False) for a in self.alpha_grid)
         if isinstance(self.alpha_samples, bool) or not isinstance(self.alpha_samples, int) or self.alpha_samples < 1:
             raise ValueError(f"alpha_samples={self.alpha_samples!r}: give a positive number of calibration sequences")
-        if not isinstance(self.linear_mappings, bool):
-            raise ValueError(f"linear_mappings={self.linear_mappings!r} must be True or False")
 
 
 # ------------------------------------------------------------------ pure math
@@ -131,21 +135,19 @@ def outlier_stats(act_max: torch.Tensor) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------ simulated quantization (alpha search)
-def simulated_linear(linear: nn.Linear, qargs: Any, input_amax: float | None = None) -> nn.Module:
-    """The quantized module ``linear`` would become under RTN with ``qargs``: W8A8 when
-    ``qargs.activations`` is set (static scale ``input_amax / 127``), else weight-only."""
+def simulated_linear(linear: nn.Linear, qargs: QuantArgs, input_amax: float | None = None) -> nn.Module:
+    """The module ``linear`` becomes under RTN with ``qargs`` (a quantizer config): W8A8 when
+    ``qargs.activations`` is set (static input scale ``input_amax / 127``), else weight-only."""
     w = linear.weight.detach()
+    codes, scales, zeros = quantize_weight(w, qargs)                           # [N, K], [N, G], [N, G]
     acts = getattr(qargs, "activations", None)
     if acts is None:
-        args = QuantArgs(bits=qargs.bits, group_size=qargs.group_size, sym=qargs.sym)
-        codes, scales, zeros = quantize_weight(w, args)                      # [N, K], [N, G], [N, G]
-        return QuantLinear.from_codes(codes, scales, zeros, args.bits, args.group_size, bias=linear.bias,
+        return QuantLinear.from_codes(codes, scales, zeros, qargs.bits, qargs.group_size, bias=linear.bias,
                                       dtype=w.dtype)
-    codes, scales, zeros = quantize_weight(w, QuantArgs(bits=8, group_size=-1, sym=True))
     static = acts == "static"
     layer = QuantLinearW8A8(linear.in_features, linear.out_features, bias=linear.bias is not None,
                             static=static, dtype=w.dtype, device=w.device)
-    layer.qweight.copy_((codes.to(torch.int16) - zeros.to(torch.int16)).to(torch.int8))
+    layer.qweight.copy_((codes.to(torch.int16) - zeros.to(torch.int16)).to(torch.int8))   # symmetric: zero 128
     layer.weight_scale.copy_(scales[:, 0])
     if linear.bias is not None:
         layer.bias.copy_(linear.bias.detach())
@@ -162,14 +164,15 @@ class _Group:
 
     prev: str                        # the producing norm or linear
     prev_module: nn.Module
+    kind: str                        # "norm" or "linear": which strength applies
     names: tuple[str, ...]           # every linear reading it (scaled, ignored ones too)
     linears: tuple[nn.Linear, ...]
     quantized: tuple[str, ...]       # the ones the quantizer will replace
     act_max: torch.Tensor            # [K] per-channel max|x| of their input
     w_max: torch.Tensor              # [K] over the quantized linears' columns
 
-    def scales(self, alpha: float) -> torch.Tensor:
-        return smoothing_scales(self.act_max, self.w_max, alpha)
+    def scales(self, alphas: dict[str, float]) -> torch.Tensor:
+        return smoothing_scales(self.act_max, self.w_max, alphas[self.kind])
 
 
 @register("smoothquant")
@@ -206,7 +209,7 @@ class SmoothQuant(Transform):
         linears = tuple(_submodule(block, n, ctx) for n in m.linears)
         k = linears[0].in_features
         if isinstance(prev, nn.Linear):
-            if not self.config.linear_mappings:
+            if self.config.linear_alpha is None:
                 return None
             if prev.out_features != k:  # e.g. v -> o under grouped-query attention: no one-to-one fold
                 log.debug("%s: %s -> %s skipped (%d rows feed %d columns)", ctx.prefix, m.prev, m.linears,
@@ -226,24 +229,24 @@ class SmoothQuant(Transform):
             return None
         act_max = torch.stack(stats).amax(dim=0)
         w_max = weight_absmax([block.get_submodule(n).weight for n in quantized])
-        return _Group(m.prev, prev, tuple(m.linears), linears, quantized, act_max, w_max)
+        kind = "linear" if isinstance(prev, nn.Linear) else "norm"
+        return _Group(m.prev, prev, kind, tuple(m.linears), linears, quantized, act_max, w_max)
 
     @torch.no_grad()
     def apply(self, block: nn.Module, ctx: Any) -> None:
         groups = self._groups(block, ctx)
-        alpha = self.config.alpha
-        if alpha == "auto":
-            alpha, errors = self._search_alpha(block, ctx, groups)
-            self.stats[ctx.prefix] = {"alpha": alpha, "alpha_errors": errors}
-            log.info("%s: alpha=%.2f (block output MSE %s)", ctx.prefix, alpha,
-                     ", ".join(f"{a:.2f}: {e:.3g}" for a, e in errors.items()))
+        alphas = {"norm": self.config.alpha, "linear": self.config.linear_alpha}
+        if "auto" in alphas.values():
+            alphas, errors = self._search(block, ctx, groups, alphas)
+            self.stats[ctx.prefix] = {"alpha": alphas["norm"], "linear_alpha": alphas["linear"], **errors}
+            log.info("%s: alpha=%s linear_alpha=%s", ctx.prefix, alphas["norm"], alphas["linear"])
         for g in groups:
-            s = g.scales(alpha)
+            s = g.scales(alphas)
             fold_scales(g.prev_module, g.linears, s)
             before, after = outlier_stats(g.act_max), outlier_stats(g.act_max / s)
             for n in g.quantized:
                 self.stats[f"{ctx.prefix}.{n}"] = {
-                    "smoothed_by": f"{ctx.prefix}.{g.prev}", "alpha": alpha,
+                    "smoothed_by": f"{ctx.prefix}.{g.prev}", "alpha": alphas[g.kind],
                     "act_max_before": before["max"], "act_median_before": before["median"],
                     "outlier_ratio_before": before["ratio"],
                     "act_max_after": after["max"], "act_median_after": after["median"],
@@ -259,10 +262,10 @@ class SmoothQuant(Transform):
         for key in [k for k in self._act_max if k.startswith(ctx.prefix + ".")]:
             del self._act_max[key]
 
-    def _search_alpha(self, block: nn.Module, ctx: Any, groups: list[_Group]) -> tuple[float, dict[float, float]]:
-        """Grid search of one α for the block: fold, quantize every linear (RTN with the recipe's
-        grid), run ``alpha_samples`` sequences, keep the α of least output MSE vs the fp block.
-        The block's parameters and modules are restored afterwards."""
+    def _search(self, block: nn.Module, ctx: Any, groups: list[_Group],
+                alphas: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[float, float]]]:
+        """Grid search of the ``"auto"`` strengths for the block, one kind after the other
+        (norm, then linear; an auto strength not yet searched is held at 0.5)."""
         batches, seen = [], 0
         for i, h in enumerate(ctx.inputs):
             if seen >= self.config.alpha_samples:
@@ -271,31 +274,39 @@ class SmoothQuant(Transform):
             seen += h.shape[0]
         ref = ctx.forward(block, batches)                                     # fp block outputs
         saved = [(p, p.detach().clone()) for p in block.parameters()]
-        errors: dict[float, float] = {}
+        chosen = {k: (0.5 if a == "auto" else a) for k, a in alphas.items()}
+        errors: dict[str, dict[float, float]] = {}
+        for kind, key in (("norm", "alpha_errors"), ("linear", "linear_alpha_errors")):
+            if alphas[kind] != "auto" or not any(g.kind == kind for g in groups):
+                continue
+            errs = {a: self._trial(block, ctx, groups, {**chosen, kind: a}, batches, ref, saved)
+                    for a in self.config.alpha_grid}
+            chosen[kind] = min(errs, key=errs.get)
+            errors[key] = errs
+        return chosen, errors
+
+    def _trial(self, block: nn.Module, ctx: Any, groups: list[_Group], alphas: dict[str, float],
+               batches: list[int], ref: list[torch.Tensor], saved: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Block output MSE against ``ref`` with ``alphas`` folded in and every linear quantized
+        (RTN with the recipe's grid; static input scales from the smoothed statistics). The
+        block's parameters and modules are restored afterwards."""
+        amax = {n: self._act_max[f"{ctx.prefix}.{n}"] for n in ctx.linears if f"{ctx.prefix}.{n}" in self._act_max}
         try:
-            for alpha in self.config.alpha_grid:
-                amax = {n: self._act_max[f"{ctx.prefix}.{n}"] for n in ctx.linears if f"{ctx.prefix}.{n}" in self._act_max}
-                for g in groups:
-                    s = g.scales(alpha)
-                    fold_scales(g.prev_module, g.linears, s)
-                    amax.update({n: amax[n] / s for n in g.quantized if n in amax})
-                for n, lin in ctx.linears.items():
-                    a = amax.get(n)
-                    set_submodule(block, n, simulated_linear(lin, ctx.qargs, None if a is None else a.max().item()))
-                try:
-                    out = ctx.forward(block, batches)
-                finally:
-                    for n, lin in ctx.linears.items():
-                        set_submodule(block, n, lin)
-                    for p, orig in saved:
-                        p.copy_(orig)
-                err = sum(((o.float() - r.float()) ** 2).sum().item() for o, r in zip(out, ref))
-                errors[alpha] = err / sum(r.numel() for r in ref)
+            for g in groups:
+                s = g.scales(alphas)
+                fold_scales(g.prev_module, g.linears, s)
+                amax.update({n: amax[n] / s for n in g.quantized if n in amax})
+            for n, lin in ctx.linears.items():
+                a = amax.get(n)
+                set_submodule(block, n, simulated_linear(lin, ctx.qargs, None if a is None else a.max().item()))
+            out = ctx.forward(block, batches)
         finally:
+            for n, lin in ctx.linears.items():
+                set_submodule(block, n, lin)
             for p, orig in saved:
                 p.copy_(orig)
-        best = min(errors, key=errors.get)
-        return best, errors
+        err = sum(((o.float() - r.float()) ** 2).sum().item() for o, r in zip(out, ref))
+        return err / sum(r.numel() for r in ref)
 
 
 def _submodule(block: nn.Module, name: str, ctx: Any) -> nn.Module:
@@ -313,7 +324,7 @@ def smooth_model(
     alpha: float = 0.5,
     batch_size: int = 8,
     ignore: list[str] | None = None,
-    linear_mappings: bool = True,
+    linear_alpha: float | None = 0.5,
 ) -> SmoothQuant:
     """Smooth ``model`` in place in full precision, without quantizing it (fp export, analysis).
 
@@ -323,9 +334,9 @@ def smooth_model(
     """
     from ..calibration.runner import BlockContext  # the runner imports this package
 
-    sq = SmoothQuant(SmoothQuantConfig(alpha=alpha, linear_mappings=linear_mappings))
-    if sq.config.alpha == "auto":
-        raise ValueError("smooth_model takes a numeric alpha; alpha='auto' needs a quantizer: use ptqkit.quantize")
+    sq = SmoothQuant(SmoothQuantConfig(alpha=alpha, linear_alpha=linear_alpha))
+    if "auto" in (sq.config.alpha, sq.config.linear_alpha):
+        raise ValueError("smooth_model takes numeric strengths; 'auto' searches against a quantizer: use ptqkit.quantize")
     if calibration.dim() != 2:
         raise ValueError(f"calibration ids must be [N, L], got shape {tuple(calibration.shape)}")
     path, blocks = find_blocks(model)

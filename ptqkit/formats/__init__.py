@@ -8,9 +8,12 @@ writes atomically and returns the final path.
 | format | layers it holds | options |
 |---|---|---|
 | ``native`` | everything ptqkit builds (any bits, ragged groups, act-order, W8A8) | |
-| ``gptq`` | weight-only 2/3/4/8 bits, K divisible by the group size, act-order via ``g_idx`` | ``checkpoint_format`` ``gptq`` (v1) or ``gptq_v2``; ``dtype`` |
-| ``awq`` | weight-only 4 bits, K divisible by the group size, no grouped act-order | ``dtype`` |
-| ``compressed-tensors`` | weight-only 1–8 bits (``pack-quantized``), W8A8 (``int-quantized``), no ragged groups or grouped act-order | ``dtype`` |
+| ``gptq`` | weight-only 2/3/4/8 bits; K divisible by the group size; act-order | ``checkpoint_format``, ``dtype`` |
+| ``awq`` | weight-only 4 bits; K divisible by the group size; no grouped act-order | ``dtype`` |
+| ``compressed-tensors`` | 1–8-bit weight-only, W8A8; no ragged groups or grouped act-order | ``dtype`` |
+
+``checkpoint_format``: ``gptq`` (v1, what vLLM and AutoGPTQ read) or ``gptq_v2`` (GPTQModel's).
+``dtype``: cast scales and float weights (e.g. ``torch.float16``); default: keep the model's.
 """
 from __future__ import annotations
 

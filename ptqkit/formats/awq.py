@@ -115,7 +115,8 @@ def check_layer(name: str, m: nn.Module, group_size: int) -> None:
                                "use format='gptq' or 'native'")
     if m.perm is not None and m.group_len < k:
         raise layer_bits_error("awq", name, "it was quantized with act-order (grouped columns permuted) and AWQ "
-                               "has no g_idx", "use format='gptq' (desc_act) or 'native', or quantize without act_order")
+                               "has no g_idx",
+                               "use format='gptq' (desc_act) or 'native', or quantize without act_order")
 
 
 def awq_config(group_size: int, skipped: list[str]) -> dict[str, Any]:
@@ -151,7 +152,8 @@ def is_awq(path: Path) -> bool:
     return isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "awq"
 
 
-def load_awq(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+def load_awq(path: str | os.PathLike, device: str | torch.device = "cpu",
+             dtype: torch.dtype | None = None) -> nn.Module:
     """A ptqkit model from an AWQ GEMM checkpoint (transformers' or AutoAWQ's config keys)."""
     path = Path(path)
     qc = quantization_config(path) or {}

@@ -82,13 +82,14 @@ def compress_layer(m: nn.Module, scheme: Any, fmt: str) -> dict[str, torch.Tenso
     from compressed_tensors.compressors import BaseCompressor
 
     if isinstance(m, QuantLinearW8A8):
-        state = {"weight": m.qweight.float() * m.weight_scale[:, None], "weight_scale": m.weight_scale[:, None].float()}
+        scale = m.weight_scale[:, None].float()                  # [N, 1]
+        state = {"weight": m.qweight.float() * scale, "weight_scale": scale}
         if m.input_scale is not None:
             state["input_scale"] = m.input_scale.reshape(1).float()
     else:
         codes, _ = original_order(m)                             # [N, K] original column order
         offset = 2 ** (m.bits - 1)
-        gidx = torch.arange(m.in_features) // m.group_len
+        gidx = torch.arange(m.in_features, device=codes.device) // m.group_len
         scales = m.scales.t().float()                            # [N, G]
         zeros = m.zeros.t().to(torch.int16)                      # [N, G]
         w = (codes.to(torch.float32) - zeros[:, gidx].float()) * scales[:, gidx]   # [N, K] exact
@@ -128,8 +129,9 @@ def save_compressed_tensors(model: nn.Module, path: str | os.PathLike, tokenizer
             for key, v in compress_layer(layers[name], scheme, fmt).items():
                 tensors[f"{name}.{key}"] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
     formats = {fmt for _, fmt, _ in groups.values()}
-    qconfig = QuantizationConfig(config_groups=schemes, format=formats.pop() if len(formats) == 1 else "mixed-precision",
-                                 quantization_status="compressed", ignore=fp_linears if single else [])
+    fmt = formats.pop() if len(formats) == 1 else "mixed-precision"
+    qconfig = QuantizationConfig(config_groups=schemes, format=fmt, quantization_status="compressed",
+                                 ignore=fp_linears if single else [])
     with atomic_write(path) as tmp:
         write_model_files(tmp, model, tokenizer, fmt="compressed-tensors", report=report, dtype=dtype)
         ModelCompressor(quantization_config=qconfig).update_config(str(tmp))
@@ -151,7 +153,8 @@ def parse_config(qc: dict[str, Any]) -> Any:
     return QuantizationConfig.model_validate({k: v for k, v in qc.items() if k in QuantizationConfig.model_fields})
 
 
-def signed_codes(t: dict[str, torch.Tensor], scheme: Any, fmt: str, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def signed_codes(t: dict[str, torch.Tensor], scheme: Any, fmt: str,
+                 name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Signed integer codes ``[N, K]`` (int8) and the signed zero points ``[N, G]`` of one layer."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from compressed_tensors.quantization.lifecycle.forward import quantize
@@ -182,7 +185,8 @@ def build_layer(t: dict[str, torch.Tensor], scheme: Any, fmt: str, name: str, dt
                          "quantization; ptqkit cannot represent them")
     q, zp = signed_codes(t, scheme, fmt, name)
     n, k = q.shape
-    scale = t["weight_scale"].reshape(n, -1) if t["weight_scale"].numel() > 1 else t["weight_scale"].reshape(1, 1).expand(n, 1)
+    scale = t["weight_scale"]
+    scale = scale.reshape(n, -1) if scale.numel() > 1 else scale.reshape(1, 1).expand(n, 1)   # tensor -> channel
     offset = 2 ** (w.num_bits - 1)
     if a is not None:
         ok = (a.type == "int" and a.num_bits == 8 and a.symmetric and w.num_bits == 8 and w.symmetric
@@ -200,7 +204,8 @@ def build_layer(t: dict[str, torch.Tensor], scheme: Any, fmt: str, name: str, dt
             layer.bias.copy_(t["bias"])
         return layer
     group_size = w.group_size if w.strategy == "group" else -1
-    zeros = torch.full_like(scale, offset, dtype=torch.int16) if zp is None else zp.reshape(n, -1).to(torch.int16) + offset
+    zeros = (torch.full_like(scale, offset, dtype=torch.int16) if zp is None
+             else zp.reshape(n, -1).to(torch.int16) + offset)
     codes = q.to(torch.int16) + offset
     return QuantLinear.from_codes(codes.to(torch.uint8), scale, zeros, w.num_bits, group_size,
                                   bias=t.get("bias"), dtype=dtype)

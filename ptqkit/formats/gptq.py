@@ -222,7 +222,8 @@ def save_gptq(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, 
     with atomic_write(path) as tmp:
         write_model_files(tmp, model, tokenizer, fmt="gptq", report=report, quantization_config=qcfg, dtype=dtype)
         save_tensors(tensors, tmp, max_shard_size)
-    log.info("saved %d GPTQ layers (%d-bit, group %d, %s) to %s", len(layers), bits, group_size, checkpoint_format, path)
+    log.info("saved %d GPTQ layers (%d-bit, group %d, %s) to %s", len(layers), bits, group_size,
+             checkpoint_format, path)
     return Path(path).resolve()
 
 
@@ -232,7 +233,8 @@ def is_gptq(path: Path) -> bool:
     return isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "gptq"
 
 
-def load_gptq(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+def load_gptq(path: str | os.PathLike, device: str | torch.device = "cpu",
+              dtype: torch.dtype | None = None) -> nn.Module:
     """A ptqkit model from a GPTQ checkpoint (v1 or v2; ptqkit's own or another tool's)."""
     path = Path(path)
     qc = quantization_config(path) or {}

@@ -92,6 +92,7 @@ def load_native(path: str | os.PathLike, device: str | torch.device = "cpu",
         own = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
         missing, unexpected = layer.load_state_dict(own, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{path}: layer {name} does not match its spec (missing {missing}, unexpected {unexpected})")
+            raise ValueError(f"{path}: layer {name} does not match its spec "
+                             f"(missing {missing}, unexpected {unexpected})")
         set_submodule(model, name, layer)
     return finish_load(model, state, path, device, meta.get("info", {}))

@@ -7,6 +7,7 @@ interrupted job leaves nothing half-written: a rerun skips finished jobs (same j
 from __future__ import annotations
 
 import copy
+import ctypes
 import dataclasses
 import gc
 import hashlib
@@ -60,6 +61,15 @@ def _clean_stale(final: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _release_free_memory() -> None:
+    """Give freed heap pages back to the OS (glibc ``malloc_trim``) so RSS starts from what is live."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS keeps what the allocator holds
+        pass
+
+
 def _rss_mb() -> float:
     try:
         pages = int(Path("/proc/self/statm").read_text().split()[1])
@@ -83,7 +93,7 @@ class PeakMemory:
             self.peak_mb = max(self.peak_mb, _rss_mb())
 
     def __enter__(self) -> "PeakMemory":
-        gc.collect()
+        _release_free_memory()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.reset_peak_memory_stats()
         self.start_mb = self.peak_mb = _rss_mb()
