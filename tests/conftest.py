@@ -7,8 +7,11 @@ import os
 import pytest
 import torch
 
-# keep interpreter-run Triton tests and the CPU runs predictable on small machines
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton kernels run in its interpreter without a GPU; this must precede any triton import by any
+# test module (triton reads it when first imported), so it lives here rather than in the kernel tests.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def tiny_llama_config(**kw):
