@@ -3,9 +3,10 @@
     python benchmarks/smoothquant.py                      # the closing-note table (slow: 128 x 512 calibration)
     python benchmarks/smoothquant.py --num-samples 16 --seqlen 256 --windows 2 --configs w8a8,sq0.5
 
-Configs: ``fp``, ``w8a8`` (RTN W8A8, no smoothing), ``sq<alpha>`` / ``sqauto`` (SmoothQuant then
-W8A8 RTN), ``sq<alpha>+gptq`` (SmoothQuant then W8A8 GPTQ); ``:static`` selects per-tensor static
-activations (``sq0.5:static``). Every quantized model is scored on the same evaluation windows of
+Configs: ``fp``, ``w8a8`` (RTN W8A8, no smoothing), ``sq<alpha>[/<linear_alpha>]`` (SmoothQuant
+then W8A8 RTN; linear_alpha defaults to 0.5, ``none`` smooths the norm mappings only),
+``sqauto`` (both strengths searched per block), ``+gptq`` (W8A8 GPTQ instead of RTN), ``:static``
+(per-tensor static activations), e.g. ``sq0.8/0.9+gptq:static``. Every quantized model is scored on the same evaluation windows of
 the builtin evaluation split as the fp model (protocol of ``ptqkit.evaluation``: non-overlapping
 windows, ppl = exp(mean NLL), KL(fp || q) and top-1 agreement per scored token); the fp logits are
 computed once per window for all configs. Outlier ratio = max / median of the per-channel max|x|
@@ -32,16 +33,19 @@ log = logging.getLogger("benchmarks.smoothquant")
 
 
 def recipe(config: str) -> tuple[Any, dict[str, Any]]:
-    """``"sq0.8+gptq:static"`` -> (method, options) for ``ptqkit.quantize``."""
+    """``"sq0.8/0.5+gptq:static"`` -> (method, options) for ``ptqkit.quantize``."""
     name, _, acts = config.partition(":")
     opts: dict[str, Any] = {"activations": acts or "dynamic"}
     head, _, quantizer = name.partition("+")
     if head == "w8a8":
         return "rtn", {**opts, "bits": 8, "group_size": -1, "sym": True}
     if not head.startswith("sq"):
-        raise ValueError(f"unknown config {config!r}: use fp, w8a8, sq<alpha>, sqauto, optionally +gptq and :static")
-    alpha = head[2:]
+        raise ValueError(f"unknown config {config!r}: use fp, w8a8, sq<alpha>[/<linear_alpha>], sqauto, "
+                         "optionally +gptq and :static")
+    alpha, _, linear = head[2:].partition("/")
+    linear = linear or ("auto" if alpha == "auto" else "0.5")
     opts["alpha"] = "auto" if alpha == "auto" else float(alpha)
+    opts["linear_alpha"] = {"auto": "auto", "none": None}.get(linear) if linear in ("auto", "none") else float(linear)
     return (["smoothquant", quantizer] if quantizer else "smoothquant"), opts
 
 
@@ -133,8 +137,9 @@ def main() -> None:
     for cfg, i in info.items():
         r = results[cfg]
         ratio = outlier_ratio(i["layers"], "after") or sq_before or float("nan")
-        alphas = sorted({v["alpha"] for k, v in i["layers"].items() if k.count(".") == 2 and "alpha" in v})
-        note = f" (α per block: {min(alphas)}–{max(alphas)})" if alphas else ""
+        blocks = [v for k, v in i["layers"].items() if k.count(".") == 2 and "alpha" in v]
+        note = "".join(f" ({key} per block: {min(b[key] for b in blocks)}–{max(b[key] for b in blocks)})"
+                       for key in ("alpha", "linear_alpha") if blocks and blocks[0].get(key) is not None)
         print(f"| {cfg}{note} | {r['ppl']:.4f} | {r['delta_pct']:+.2f} | {r['kl']:.4f} | {r['top1']:.4f} | "
               f"{ratio:.1f} | {i['timings']['quantize_s']:.0f} |")
     if args.layers_md:

@@ -234,6 +234,19 @@ def test_qweight_packing_matches_autogptq_loops(bits):
     assert torch.equal(gptq_fmt.unpack_cols(gptq_fmt.pack_cols(zeros, bits), bits, 64), zeros.to(torch.uint8))
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("rows", [64, 61])
+def test_fast_pack_rows_equals_ptqkit_packing(bits, rows):
+    """The formats' shift-and-or packing is ptqkit.packing's bitstream, ragged K included."""
+    from ptqkit.packing import unpack
+
+    codes = torch.randint(0, 2**bits, (rows, 24), generator=torch.Generator().manual_seed(bits))
+    packed = common.pack_rows(codes, bits)
+    assert torch.equal(packed, pack(codes, bits))
+    assert torch.equal(common.unpack_rows(packed, bits, rows), unpack(packed, bits, rows))
+    assert torch.equal(common.unpack_rows(packed, bits, rows), codes.to(torch.uint8))
+
+
 def test_awq_packing_matches_autoawq_loop():
     v = torch.randint(0, 16, (24, 48), generator=torch.Generator().manual_seed(0))
     ref = to_i32(ref_pack_awq(v.numpy()))
@@ -663,6 +676,7 @@ def smol_ids(tok) -> torch.Tensor:
 
 
 @pytest.mark.model
+@pytest.mark.slow
 def test_smollm2_w4_every_format_and_transformers(tmp_path, smollm2):
     """SmolLM2-135M, RTN W4 g64 sym (576 and 1536 are multiples of 64; data-free): every format gives
     back identical integer codes and identical logits on a 37-token prompt, and plain transformers

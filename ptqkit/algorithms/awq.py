@@ -56,8 +56,8 @@ class AWQConfig:
     max_shrink: float = 0.5
     n_clip_grid: int = 20
     clip_tokens: int | None = 512
-    search_tokens: int = 4096
-    search_samples: int = 8
+    search_tokens: int = 2048
+    search_samples: int = 4
     no_clip: tuple[str, ...] = ("q_proj", "k_proj")
 
     def __post_init__(self) -> None:
@@ -89,33 +89,40 @@ class _Inputs:
     count: int = 0
     gram: torch.Tensor | None = None      # [K, K] float32, sum of x xᵀ over sampled tokens
     gram_count: int = 0
-    rows: torch.Tensor | None = None      # [≤ keep, K] uniform sample of the sampled tokens
-    seen: int = 0                         # sampled tokens offered to ``rows`` so far
+    rows: torch.Tensor | None = None      # [≤ keep + 1, K] tokens of the highest priorities so far
+    weight: torch.Tensor | None = None    # [≤ keep + 1] their ||x||²
+    prio: torch.Tensor | None = None      # [≤ keep + 1] their priorities ||x||² / u
 
-    def add(self, x: torch.Tensor, sample: torch.Tensor | None, keep: int, gen: torch.Generator) -> None:
+    def add(self, x: torch.Tensor, n_gram: int | None, keep: int, gen: torch.Generator) -> None:
         flat = x.reshape(-1, x.shape[-1])                            # [b, L, K] -> [T, K]
         s = flat.abs().sum(0, dtype=torch.float32).double()
         self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
         self.count += flat.shape[0]
-        rows = (flat if sample is None else flat[sample.to(flat.device)]).float()
-        g = rows.T @ rows
+        w = flat.float().pow(2).sum(1)                               # [T] token energy ||x||²
+        u = 1.0 - torch.rand(w.shape[0], generator=gen).to(w.device)  # (0, 1]
+        # Gram of this batch from n_gram tokens, unbiased (priority sampling), or of all tokens
+        idx, c = am.priority_sample(w, w.numel() if n_gram is None else n_gram, u)
+        rows = flat[idx].float()
+        g = (rows * c[:, None]).T @ rows
         self.gram = g if self.gram is None else self.gram + g
-        self.gram_count += rows.shape[0]
-        self._reservoir(rows, keep, gen)
+        self.gram_count += flat.shape[0]
+        # one priority sample across all batches: keep the keep + 1 highest priorities
+        top = (w / u.clamp(min=1e-12)).topk(min(keep + 1, w.numel()))
+        rows, wt, prio = flat[top.indices].float(), w[top.indices], top.values
+        if self.rows is not None:
+            rows, wt, prio = torch.cat([self.rows, rows]), torch.cat([self.weight, wt]), torch.cat([self.prio, prio])
+            best = prio.topk(min(keep + 1, prio.numel())).indices
+            rows, wt, prio = rows[best], wt[best], prio[best]
+        self.rows, self.weight, self.prio = rows, wt, prio
 
-    def _reservoir(self, rows: torch.Tensor, keep: int, gen: torch.Generator) -> None:
-        """Keep a uniform sample of ``keep`` rows of all seen (reservoir sampling, Vitter's R)."""
-        m = rows.shape[0]
-        if self.rows is None:
-            self.rows = rows.new_empty(keep, rows.shape[1])
-        t = self.seen + torch.arange(m)                                # global index of each row
-        slot = torch.where(t < keep, t, (torch.rand(m, generator=gen) * (t + 1)).long())
-        hit = slot < keep
-        self.rows[slot[hit].to(rows.device)] = rows[hit.to(rows.device)]
-        self.seen += m
-
-    def sample(self) -> torch.Tensor:
-        return self.rows[: min(self.seen, self.rows.shape[0])]
+    def sample(self, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``keep`` sampled tokens ``[t, K]`` and their estimator weights ``[t]`` (see priority_sample)."""
+        if self.rows.shape[0] <= keep:
+            return self.rows, torch.ones_like(self.weight)
+        order = self.prio.argsort(descending=True)
+        tau = self.prio[order[keep]]
+        kept = order[:keep]
+        return self.rows[kept], torch.clamp(tau / self.weight[kept].clamp(min=1e-30), min=1.0)
 
     @property
     def x_mean(self) -> torch.Tensor:
@@ -131,7 +138,8 @@ class _Inputs:
         self.rows = self.rows / s
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.abs_sum, self.gram, self.rows) if t is not None)
+        held = (self.abs_sum, self.gram, self.rows, self.weight, self.prio)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
 
 @dataclass
@@ -277,10 +285,8 @@ class AWQ(Transform):
         self._last = (x, key)
         if key != name:
             return
-        n = x.numel() // x.shape[-1]
-        k = self.config.clip_tokens
-        sample = None if k is None or k >= n else torch.randperm(n, generator=self._gen)[:k]
-        self._inputs.setdefault(name, _Inputs()).add(x.detach(), sample, self.config.search_tokens, self._gen)
+        self._inputs.setdefault(name, _Inputs()).add(x.detach(), self.config.clip_tokens, self.config.search_tokens,
+                                                      self._gen)
         self._observe_s += time.perf_counter() - t0
 
     def _stats(self, ctx: Any, rel: str) -> _Inputs | None:
@@ -391,22 +397,27 @@ class AWQ(Transform):
         return lambda w: am.rtn_fake_quant(w, q.bits, q.group_len(k), q.sym)
 
     def _module_losses(self, block: nn.Module, fold: _Fold, cands: torch.Tensor, ctx: Any,
-                       calls: list[tuple]) -> torch.Tensor:
-        """Loss of each candidate scale measured at ``fold.inspect`` on the given calls."""
+                       calls: list[tuple], token_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Loss of each candidate scale measured at ``fold.inspect`` on the given calls
+        (``token_weight [T]``: estimator weights of sampled tokens, one call of shape [1, T, H])."""
         mod = block.get_submodule(fold.inspect)
         lins = [block.get_submodule(n) for n in fold.quantized]
         orig = [lin.weight.detach().clone() for lin in lins]
         quant = self._quant(ctx, lins[0].in_features)
         with torch.no_grad():
             ref = [block_output(mod(*a, **kw)).float() for a, kw in calls]
+            norm = sum(r.numel() for r in ref) if token_weight is None else float(token_weight.sum()) * ref[0].shape[-1]
             losses = torch.zeros(cands.shape[0], dtype=torch.float64)
             try:
                 for c in range(cands.shape[0]):
                     s = cands[c]
                     for lin, w in zip(lins, orig):
                         lin.weight.copy_((quant(w.float() * s) / s).to(w.dtype))
-                    err = sum(float((block_output(mod(*a, **kw)).float() - r).pow(2).sum()) for (a, kw), r in zip(calls, ref))
-                    losses[c] = err / sum(r.numel() for r in ref)
+                    err = 0.0
+                    for (a, kw), r in zip(calls, ref):
+                        d = (block_output(mod(*a, **kw)).float() - r).pow(2).sum(-1)   # [b, L]
+                        err += float(d.sum() if token_weight is None else (d[0] * token_weight).sum())
+                    losses[c] = err / norm
             finally:
                 for lin, w in zip(lins, orig):
                     lin.weight.copy_(w)
@@ -427,8 +438,9 @@ class AWQ(Transform):
         if fold.inspect is None:
             losses = am.scale_losses([lin.weight.detach() for lin in lins], cands, st.sigma, self._quant(ctx, k))
         elif fold.tokenwise:
-            x = st.sample()[None].to(lins[0].weight.dtype)                             # [T, K] -> [1, T, K]
-            losses = self._module_losses(block, fold, cands, ctx, [((x,), {})])
+            rows, c = st.sample(cfg.search_tokens)
+            x = rows[None].to(lins[0].weight.dtype)                                   # [T, K] -> [1, T, K]
+            losses = self._module_losses(block, fold, cands, ctx, [((x,), {})], c)
         else:
             losses = self._module_losses(block, fold, cands, ctx, captured[fold.inspect])
         losses = torch.nan_to_num(losses, nan=float("inf"))

@@ -54,6 +54,24 @@ def rtn_fake_quant(w: torch.Tensor, bits: int, group_len: int, sym: bool) -> tor
     return ungrouped(q, k)
 
 
+def priority_sample(w: torch.Tensor, k: int, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Priority sampling (Duffield, Lund & Thorup, 2007) of ``k`` of the items with weights ``w [n]``.
+
+    Keeps the ``k`` largest priorities ``w / u`` (``u`` uniform in (0, 1]); with ``τ`` the
+    ``(k+1)``-th priority (0 when ``n ≤ k``), ``Σ_kept max(w_i, τ) / w_i · v_i`` estimates
+    ``Σ_all v_i`` without bias, for any values ``v``; with ``w = ||x||²`` heavy tokens (massive
+    activations) are always kept and the estimate of a loss varies far less than uniform sampling's.
+    Returns the kept indices and their estimator weights ``max(w_i, τ) / w_i``.
+    """
+    w = w.clamp(min=torch.finfo(w.dtype).tiny)
+    if w.numel() <= k:
+        return torch.arange(w.numel(), device=w.device), torch.ones_like(w)
+    prio = w / u
+    top = prio.topk(k + 1)
+    idx, tau = top.indices[:k], top.values[k]
+    return idx, torch.clamp(tau / w[idx], min=1.0)
+
+
 def candidate_scales(x_mean: torch.Tensor, n_grid: int, w_mean: torch.Tensor | None = None) -> torch.Tensor:
     """The scale grid ``[n_grid, K]`` for α = 0, 1/n, …, (n-1)/n (AWQ Eq. 5: ``s = s_Xᵅ``).
 

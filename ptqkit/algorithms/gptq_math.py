@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-from ..quant import QuantArgs, find_qparams, group_view, num_groups
+from ..quant import QuantArgs, find_qparams, group_view, num_groups, qparams_from_range
 
 log = logging.getLogger(__name__)
 
@@ -144,47 +144,78 @@ def invert_perm(perm: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- quantization grid
+def _clip_errors(
+    w: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, p: torch.Tensor, args: QuantArgs,
+    col_weight: torch.Tensor | None, norm: float,
+) -> torch.Tensor:
+    """``[P, R]`` errors ``Σ_j c_j |fake_quant(w)_j − w_j|^norm`` of ``w [R, C]`` with the range shrunk
+    by ``p [P, R]``; ``c`` is ``[C]`` (shared by the rows), ``[R, C]``, or ``None`` (all ones)."""
+    s, z = qparams_from_range(p * xmin, p * xmax, args.bits, args.sym)          # [P, R]
+    s, z = s[..., None], z[..., None]                                          # [P, R, 1]
+    e = ((torch.clamp(torch.round(w / s) + z, 0, args.maxq) - z) * s - w).abs_()  # [P, R, C]
+    e = e.square_() if norm == 2 else e.pow_(norm)
+    if col_weight is None:
+        return e.sum(-1)
+    return e @ col_weight if col_weight.dim() == 1 else (e * col_weight).sum(-1)
+
+
 def clip_search(
-    w: torch.Tensor, args: QuantArgs, col_weight: torch.Tensor | None = None, norm: float | None = None
+    w: torch.Tensor, args: QuantArgs, col_weight: torch.Tensor | None = None, norm: float | None = None,
+    stride: int = 5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row scale and zero ``[R]`` for ``w [R, C]`` by a clipping search.
 
-    The range ``[min, max]`` of each row is shrunk by ``p`` over the grid ``1, 1 − 1/mse_grid, ...,
-    1 − mse_maxshrink`` and the ``p`` with the smallest ``Σ_j c_j |fake_quant(w)_j − w_j|^norm`` is
-    kept (GPTQ's reference clip search, with optional per-column weights ``c [C]``; with
-    ``c_j = 1/[H⁻¹]_jj`` the criterion is the GPTQ loss of Eq. 2 before error compensation).
+    The range ``[min, max]`` of each row is shrunk by ``p = 1 − i/mse_grid`` (``p ≥ 1 − mse_maxshrink``)
+    and the ``p`` with the smallest ``Σ_j c_j |fake_quant(w)_j − w_j|^norm`` is kept: GPTQ's reference
+    clip search (``c = 1``, ``norm = mse_norm``), or, with ``c_j = 1/[H⁻¹]_jj`` and ``norm = 2``, the
+    GPTQ loss of Eq. 2 before error compensation. Coarse to fine: every ``stride``-th grid point
+    first, then the grid points around each row's best (``stride=1``: exhaustive); ties keep the
+    widest range.
     """
-    from ..quant import fake_quant, qparams_from_range
-
     norm = args.mse_norm if norm is None else norm
     wf = w.float()
-    xmin, xmax = wf.min(dim=1).values, wf.max(dim=1).values
-    scale, zero = qparams_from_range(xmin, xmax, args.bits, args.sym)
-    best = torch.full_like(scale, float("inf"))
-    for i in range(int(args.mse_maxshrink * args.mse_grid)):
-        p = 1 - i / args.mse_grid
-        s, z = qparams_from_range(p * xmin, p * xmax, args.bits, args.sym)
-        e = (fake_quant(wf, s[:, None], z[:, None], args.maxq) - wf).abs_().pow_(norm)   # [R, C]
-        e = e.sum(1) if col_weight is None else e @ col_weight
-        better = e < best
-        best = torch.where(better, e, best)
-        scale = torch.where(better, s, scale)
-        zero = torch.where(better, z, zero)
-    return scale, zero
+    cw = None if col_weight is None else col_weight.float()
+    xmin, xmax = wf.min(dim=1).values, wf.max(dim=1).values                  # [R]
+    steps = int(args.mse_maxshrink * args.mse_grid)                          # grid points i = 0..steps-1
+    coarse = torch.arange(0, steps, stride, device=wf.device)                # [P]
+    i = coarse[:, None].expand(-1, wf.shape[0])                              # [P, R]
+    best = i[_clip_errors(wf, xmin, xmax, 1 - i / args.mse_grid, args, cw, norm).argmin(0), 0]   # [R]
+    if stride > 1:
+        offs = torch.arange(-stride + 1, stride, device=wf.device)           # around the coarse best
+        i = (best[None] + offs[:, None]).clamp(0, steps - 1)                 # [P, R]
+        err = _clip_errors(wf, xmin, xmax, 1 - i / args.mse_grid, args, cw, norm)
+        best = i.gather(0, err.argmin(0)[None])[0]
+    p = 1 - best / args.mse_grid
+    return qparams_from_range(p * xmin, p * xmax, args.bits, args.sym)
+
+
+MSE_WEIGHTINGS = ("hessian", "uniform")
+
+
+def search_qparams(
+    w: torch.Tensor, args: QuantArgs, weighting: str = "hessian", col_weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row qparams ``[R]`` of ``w [R, C]``: min/max without ``args.mse``; else :func:`clip_search`,
+    ``"uniform"`` (``Σ |w − q|^mse_norm``) or ``"hessian"`` (``Σ c_j (w_j − q_j)²`` with ``col_weight``)."""
+    if not args.mse:
+        return find_qparams(w, args)
+    if weighting == "hessian":
+        return clip_search(w, args, col_weight, norm=2.0)
+    return clip_search(w, args)
 
 
 def group_qparams(
-    w: torch.Tensor, args: QuantArgs, col_weight: torch.Tensor | None = None
+    w: torch.Tensor, args: QuantArgs, weighting: str = "hessian", col_weight: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales and zeros ``[N, G]`` of the contiguous column groups of ``w [N, K]`` (ragged last group);
-    with ``col_weight [K]``, each group's clip search weighs its columns by it (:func:`clip_search`)."""
+    """Scales and zeros ``[N, G]`` of the contiguous column groups of ``w [N, K]`` (ragged last group),
+    all groups in one :func:`search_qparams` call (``col_weight [K]``: the columns' loss weights)."""
     n, k = w.shape
     g = args.group_len(k)
-    if col_weight is None:
-        scale, zero = find_qparams(group_view(w, g), args)         # [N*G]
-        return scale.reshape(n, -1), zero.reshape(n, -1)           # [N, G]
-    cols = [clip_search(w[:, j:j + g], args, col_weight[j:j + g], norm=2.0) for j in range(0, k, g)]
-    return torch.stack([c[0] for c in cols], 1), torch.stack([c[1] for c in cols], 1)   # [N, G]
+    cw = None
+    if col_weight is not None:
+        cw = group_view(col_weight.float()[None], g).repeat(n, 1)  # [G, g] -> [N*G, g]; padding weighs 0
+    scale, zero = search_qparams(group_view(w, g), args, weighting, cw)   # [N*G]
+    return scale.reshape(n, -1), zero.reshape(n, -1)               # [N, G]
 
 
 # ---------------------------------------------------------------------------- the column loop
@@ -205,7 +236,7 @@ def gptq_columns(
     block_size: int = 128,
     scale: torch.Tensor | None = None,
     zero: torch.Tensor | None = None,
-    loss_weighted_clip: bool = False,
+    mse_weighting: str = "hessian",
 ) -> ColumnResult:
     """GPTQ's column loop with lazy block updates (Algorithm 1 of the paper), vectorized over rows.
 
@@ -250,10 +281,7 @@ def gptq_columns(
                 if fixed:
                     s, inv_s, z, zs = next(qp)
                 elif c % g == 0:                                    # a group starts: its qparams, [N] each
-                    if loss_weighted_clip:
-                        s, z = clip_search(w1[i:i + g].t(), args, inv_d2[c:c + g], norm=2.0)
-                    else:
-                        s, z = find_qparams(w1[i:i + g].t(), args)
+                    s, z = search_qparams(w1[i:i + g].t(), args, mse_weighting, inv_d2[c:c + g])
                     scales[c // g], zeros[c // g] = s, z
                     inv_s, zs = s.reciprocal(), z * s
                 torch.addcmul(z, w, inv_s, out=q).round_().clamp_(0.0, maxq)   # code = clamp(round(w/s + z))
@@ -314,7 +342,7 @@ def gptq_quantize(
     static_groups: bool = True,
     max_damp: float = 1.0,
     prepared: PreparedHessian | None = None,
-    loss_weighted_clip: bool = False,
+    mse_weighting: str = "hessian",
 ) -> GPTQResult:
     """Quantize ``weight [N, K]`` against the input Hessian ``H [K, K]`` with GPTQ.
 
@@ -337,20 +365,18 @@ def gptq_quantize(
     w = weight.float().clone()
     w[:, dead] = 0.0                                               # inputs that are always zero
     grouped = args.group_size != -1 and args.group_len(k) < k
-    col_w = None
-    if loss_weighted_clip:
-        col_w = torch.diagonal(prepared.upper).float().pow(-2)     # processing order
-        col_w = col_w if perm is None else col_w[invert_perm(perm)]   # original order
+    col_w = torch.diagonal(prepared.upper).float().pow(-2)         # 1/[H⁻¹]_jj, processing order
+    col_w = col_w if perm is None else col_w[invert_perm(perm)]    # original order
     scale = zero = None
     if not grouped:
-        s, z = find_qparams(w, args) if col_w is None else clip_search(w, args, col_w, norm=2.0)   # [N]
+        s, z = search_qparams(w, args, mse_weighting, col_w)       # [N]
         scale, zero = s[:, None].expand(n, k), z[:, None].expand(n, k)
     elif perm is not None and static_groups:
-        gs, gz = group_qparams(w, args, col_w)                     # [N, G] original groups
+        gs, gz = group_qparams(w, args, mse_weighting, col_w)      # [N, G] original groups
         gidx = torch.arange(k, device=w.device) // args.group_len(k)
         scale, zero = gs[:, gidx[perm]], gz[:, gidx[perm]]          # [N, K] per processing column
     wp = w if perm is None else w[:, perm]
-    res = gptq_columns(wp, prepared.upper, args, block_size, scale, zero, loss_weighted_clip)
+    res = gptq_columns(wp, prepared.upper, args, block_size, scale, zero, mse_weighting)
     codes = res.codes
     if not grouped:
         scales, zeros = res.scales[:, :1].contiguous(), res.zeros[:, :1].contiguous()

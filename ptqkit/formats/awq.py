@@ -34,13 +34,16 @@ from .common import (
     float_tensors,
     layer_bits_error,
     load_tensors,
+    new_quant_linear,
+    pack_rows,
     quant_layers,
     quantization_config,
     read_info,
     save_tensors,
+    unpack_rows,
     write_model_files,
 )
-from .gptq import original_order, skipped_block_linears
+from .gptq import skipped_block_linears
 
 log = logging.getLogger(__name__)
 
@@ -52,27 +55,30 @@ PACK = 32 // BITS
 # ---------------------------------------------------------------- pure conversions
 def awq_pack(values: torch.Tensor) -> torch.Tensor:
     """4-bit codes ``[R, N]`` -> int32 ``[R, N/8]`` in AWQ's interleaved order."""
-    r, n = values.shape
-    v = values.to(torch.int64).reshape(r, n // PACK, PACK)[:, :, list(AWQ_ORDER)]   # [R, N/8, 8] nibble order
-    shifts = torch.arange(PACK, device=values.device) * BITS
-    words = (v << shifts).sum(-1)                                                  # [R, N/8]
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    v = values.to(torch.int32).reshape(values.shape[0], -1, PACK)        # [R, N/8, 8] column order
+    out = v[:, :, AWQ_ORDER[0]].clone()
+    for i in range(1, PACK):
+        out |= v[:, :, AWQ_ORDER[i]] << (i * BITS)                       # nibble i <- column AWQ_ORDER[i]
+    return out
 
 
 def awq_unpack(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`awq_pack`: int32 ``[R, W]`` -> uint8 ``[R, 8W]``."""
     r, w = packed.shape
-    shifts = torch.arange(PACK, device=packed.device) * BITS
-    nib = (packed.to(torch.int64)[:, :, None] >> shifts) & 0xF                     # [R, W, 8] nibble order
-    out = torch.empty_like(nib)
-    out[:, :, list(AWQ_ORDER)] = nib                                               # column order
-    return out.reshape(r, w * PACK).to(torch.uint8)
+    out = torch.empty(r, w, PACK, dtype=torch.uint8, device=packed.device)
+    for i in range(PACK):
+        out[:, :, AWQ_ORDER[i]] = ((packed >> (i * BITS)) & 0xF).to(torch.uint8)
+    return out.reshape(r, w * PACK)
 
 
 def to_awq(layer: QuantLinear) -> dict[str, torch.Tensor]:
     """A 4-bit QuantLinear (no act-order, or a single group) as AWQ GEMM tensors."""
-    codes, _ = original_order(layer)                             # [N, K] original column order
-    out = {"qweight": awq_pack(codes.t()), "qzeros": awq_pack(layer.zeros), "scales": layer.scales}
+    codes = unpack_rows(layer.qweight, BITS, layer.in_features)             # [K, N] stored order
+    if layer.perm is not None:                                              # one group: unpermute rows
+        orig = torch.empty_like(codes)
+        orig[layer.perm.long()] = codes
+        codes = orig
+    out = {"qweight": awq_pack(codes), "qzeros": awq_pack(layer.zeros), "scales": layer.scales}
     if layer.bias is not None:
         out["bias"] = layer.bias
     return out
@@ -90,8 +96,8 @@ def from_awq(t: dict[str, torch.Tensor], group_size: int, name: str, dtype: torc
         zeros = awq_unpack(t["qzeros"])                          # [G, N]
     else:                                                        # zero_point: false -> symmetric around 8
         zeros = torch.full((g, n), 2 ** (BITS - 1), dtype=torch.uint8)
-    return QuantLinear.from_codes(codes.t(), t["scales"].t(), zeros.t(), BITS, group_size, bias=t.get("bias"),
-                                  dtype=dtype)
+    return new_quant_linear(pack_rows(codes, BITS), t["scales"], zeros, BITS, group_size, k, bias=t.get("bias"),
+                            dtype=dtype)
 
 
 # ---------------------------------------------------------------- save

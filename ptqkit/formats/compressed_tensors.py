@@ -36,6 +36,8 @@ from .common import (
     float_tensors,
     layer_bits_error,
     load_tensors,
+    new_quant_linear,
+    pack_rows,
     quant_layers,
     quantization_config,
     read_info,
@@ -206,9 +208,9 @@ def build_layer(t: dict[str, torch.Tensor], scheme: Any, fmt: str, name: str, dt
     group_size = w.group_size if w.strategy == "group" else -1
     zeros = (torch.full_like(scale, offset, dtype=torch.int16) if zp is None
              else zp.reshape(n, -1).to(torch.int16) + offset)
-    codes = q.to(torch.int16) + offset
-    return QuantLinear.from_codes(codes.to(torch.uint8), scale, zeros, w.num_bits, group_size,
-                                  bias=t.get("bias"), dtype=dtype)
+    codes = (q.to(torch.int16) + offset).t()                                # [K, N] unsigned
+    return new_quant_linear(pack_rows(codes, w.num_bits), scale.t(), zeros.t(), w.num_bits, group_size, k,
+                            bias=t.get("bias"), dtype=dtype)
 
 
 def load_compressed_tensors(path: str | os.PathLike, device: str | torch.device = "cpu",

@@ -27,7 +27,6 @@ from torch import nn
 
 from ..layers import QuantLinear, QuantLinearW8A8
 from ..models import find_blocks, set_submodule
-from ..packing import pack, unpack
 from .common import (
     DEFAULT_SHARD_SIZE,
     atomic_write,
@@ -37,10 +36,13 @@ from .common import (
     float_tensors,
     layer_bits_error,
     load_tensors,
+    new_quant_linear,
+    pack_rows,
     quant_layers,
     quantization_config,
     read_info,
     save_tensors,
+    unpack_rows,
     write_model_files,
 )
 
@@ -53,12 +55,12 @@ VERSIONS = ("gptq", "gptq_v2")
 # ---------------------------------------------------------------- pure conversions
 def pack_cols(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack ``[R, N]`` codes along N into int32 ``[R, N·bits/32]`` (GPTQ's ``qzeros`` layout)."""
-    return pack(values.t(), bits).t().contiguous()              # [N, R] packed along N -> [R, W]
+    return pack_rows(values.t(), bits).t().contiguous()         # [N, R] packed along N -> [R, W]
 
 
 def unpack_cols(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_cols`: int32 ``[R, W]`` -> uint8 ``[R, n]``."""
-    return unpack(packed.t().contiguous(), bits, n).t()
+    return unpack_rows(packed.t().contiguous(), bits, n).t()
 
 
 def is_sym(layer: QuantLinear) -> bool:
@@ -69,7 +71,7 @@ def is_sym(layer: QuantLinear) -> bool:
 def original_order(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes ``[N, K]`` and ``g_idx [K]`` in the original input-column order (act-order undone:
     stored row ``j`` is column ``perm[j]`` and belongs to group ``j // group_len``)."""
-    codes = layer.codes()                                       # [N, K] stored order
+    codes = unpack_rows(layer.qweight, layer.bits, layer.in_features).t()   # [N, K] stored order
     stored_group = torch.arange(layer.in_features, device=codes.device) // layer.group_len
     if layer.perm is None:
         return codes, stored_group.to(torch.int32)
@@ -88,7 +90,7 @@ def to_gptq(layer: QuantLinear, version: str = "gptq") -> dict[str, torch.Tensor
         g_idx = (torch.arange(layer.in_features, device=qweight.device) // layer.group_len).to(torch.int32)
     else:
         codes, g_idx = original_order(layer)
-        qweight = pack(codes.t(), layer.bits)                                           # [K·b/32, N]
+        qweight = pack_rows(codes.t(), layer.bits)                                      # [K·b/32, N]
     zeros = layer.zeros.to(torch.int64) - (1 if version == "gptq" else 0)           # [G, N]
     out = {"qweight": qweight, "qzeros": pack_cols(zeros, layer.bits), "scales": layer.scales, "g_idx": g_idx}
     if layer.bias is not None:
@@ -128,17 +130,11 @@ def from_gptq(t: dict[str, torch.Tensor], bits: int, group_size: int, version: s
     if version == "gptq":
         zeros = (zeros.to(torch.int16) + 1) & (2**bits - 1)     # v1 stores (zero - 1) mod 2**bits
     perm = perm_from_g_idx(t["g_idx"], group_len, name) if "g_idx" in t else None
-    if perm is None:                 # the same bitstream as ptqkit's qweight: copy, no unpacking
-        layer = QuantLinear(k, n, bits, group_size, bias="bias" in t, dtype=dtype)
-        layer.qweight.copy_(t["qweight"])
-        layer.scales.copy_(t["scales"])
-        layer.zeros.copy_(zeros)
-        if "bias" in t:
-            layer.bias.copy_(t["bias"])
-        return layer
-    codes = unpack(t["qweight"], bits, k).t()[:, perm.long()]   # [N, K] stored order: grouped columns
-    return QuantLinear.from_codes(codes, t["scales"].t(), zeros.t(), bits, group_size, bias=t.get("bias"),
-                                  perm=perm, dtype=dtype)
+    qweight = t["qweight"]           # the same bitstream as ptqkit's qweight: copied as is
+    if perm is not None:             # rows to stored order: grouped columns
+        qweight = pack_rows(unpack_rows(qweight, bits, k)[perm.long()], bits)
+    return new_quant_linear(qweight, t["scales"], zeros, bits, group_size, k, bias=t.get("bias"), perm=perm,
+                            dtype=dtype)
 
 
 # ---------------------------------------------------------------- save

@@ -58,7 +58,8 @@ class OutputSpec:
 class JobSpec:
     """One job: model, calibration, recipe steps (+ options routed to them), evaluation, output."""
 
-    recipe: Union[str, list, None] = None  # "gptq", "smoothquant+gptq", [awq, {method: gptq, act_order: true}]
+    # required: "gptq", "smoothquant+gptq", a recipe .yaml, or [awq, {method: gptq, act_order: true}]
+    recipe: Union[str, list] = None  # type: ignore[assignment]
     name: Optional[str] = None
     model: str = DEFAULT_MODEL
     options: dict = field(default_factory=dict)
@@ -278,8 +279,9 @@ def _check_recipe(job: JobSpec, problems: list[str]) -> None:
 
 def validate_job(job: JobSpec, problems: list[str]) -> None:
     """Semantic checks of a parsed job (appends ``file:line: message`` problems); fills defaults."""
-    if job.recipe is None or job.recipe == [] or job.recipe == "":
-        problems.append(f"{job.at()}: the job has no 'recipe' (e.g. recipe: gptq, or recipe: [awq, rtn])")
+    if job.recipe in (None, [], ""):
+        if job.recipe is not None or "recipe" not in job.source_lines:  # else: its bad type is reported
+            problems.append(f"{job.at('recipe')}: the job has no 'recipe' (e.g. recipe: gptq, or recipe: [awq, rtn])")
     else:
         _check_recipe(job, problems)
     positive = {"calibration.num_samples": job.calibration.num_samples, "calibration.seqlen": job.calibration.seqlen,
