@@ -13,7 +13,7 @@ from ptqkit.algorithms import gptq_math as gm
 from ptqkit.algorithms.gptq import GPTQ, GPTQConfig
 from ptqkit.calibration.data import load_calibration
 from ptqkit.layers import QuantLinear
-from ptqkit.quant import QuantArgs, dequantize_weight, find_qparams, quantize_weight
+from ptqkit.quant import QuantArgs, dequantize_weight, fake_quant, find_qparams, quantize_weight
 
 
 def correlated(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -61,6 +61,16 @@ def test_incremental_hessian_equals_batch_hessian():
     torch.testing.assert_close(h.double(), direct, rtol=1e-5, atol=1e-5 * direct.abs().max().item())
 
 
+@pytest.mark.parametrize("k,chunk", [(40, 16), (40, 40), (37, 8), (100, 256)])
+def test_blocked_gram_equals_full_product(k, chunk):
+    """The upper-triangle strip product (ragged last strip included) is the full, symmetric xᵀx."""
+    x = correlated(300, k).reshape(3, 100, k)
+    gram, n = gm.input_gram(x, chunk=chunk)
+    full = x.reshape(-1, k).t().double() @ x.reshape(-1, k).double()
+    assert n == 300 and torch.equal(gram, gram.t())
+    torch.testing.assert_close(gram.double(), full, rtol=1e-5, atol=1e-5 * full.abs().max().item())
+
+
 def test_prepare_hessian_damp_and_dead_columns():
     x = correlated(300, 12)
     x[:, 5] = 0.0
@@ -97,6 +107,46 @@ def test_act_order_perm_is_descending_diagonal():
     assert gm.act_order_perm(h).tolist() == [1, 3, 2, 0, 4]
     p = gm.act_order_perm(h)
     assert gm.invert_perm(p)[p].tolist() == list(range(5))
+
+
+# ------------------------------------------------------------------------------ clip search
+@pytest.mark.parametrize("sym", [True, False])
+def test_clip_search_exhaustive_equals_reference_grid(sym):
+    w = torch.randn(50, 40, generator=torch.Generator().manual_seed(0)) ** 3      # heavy tails: clipping pays
+    args = QuantArgs(bits=3, group_size=-1, sym=sym, mse=True)
+    s_ref, z_ref = find_qparams(w, args)                                        # the looped reference
+    s, z = gm.clip_search(w, args, stride=1)
+    torch.testing.assert_close(s, s_ref)
+    assert torch.equal(z, z_ref)
+    assert (s < find_qparams(w, QuantArgs(bits=3, group_size=-1, sym=sym))[0]).any()   # some rows clipped
+
+
+def test_clip_search_coarse_to_fine_close_to_exhaustive():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(300, 64, generator=g) ** 3
+    cw = torch.rand(64, generator=g)
+    args = QuantArgs(bits=4, group_size=-1, mse=True)
+
+    def err(s, z):
+        return float(((fake_quant(w, s[:, None], z[:, None], args.maxq) - w).pow(2) @ cw).sum())
+
+    fine, coarse = gm.clip_search(w, args, cw, norm=2.0, stride=1), gm.clip_search(w, args, cw, norm=2.0)
+    assert err(*coarse) <= 1.001 * err(*fine)
+    assert err(*fine) < err(*find_qparams(w, QuantArgs(bits=4, group_size=-1)))
+
+
+def test_hessian_weighted_clip_lowers_output_error():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(32, 96, generator=g) ** 3                                  # outlier weights
+    x = correlated(800, 96, seed=2)
+    h = gm.hessian_of(x)
+    errs = {}
+    for name, args, weighting in (("minmax", QuantArgs(bits=3, group_size=32), "hessian"),
+                                  ("uniform", QuantArgs(bits=3, group_size=32, mse=True), "uniform"),
+                                  ("hessian", QuantArgs(bits=3, group_size=32, mse=True), "hessian")):
+        res = gm.gptq_quantize(w, h, args, act_order=True, mse_weighting=weighting)
+        errs[name] = out_err(w, dequant(res, args), x)
+    assert errs["hessian"] < 0.9 * errs["minmax"] and errs["uniform"] < errs["minmax"], errs
 
 
 # ------------------------------------------------------------------------------ column loop
@@ -216,6 +266,8 @@ def test_config_validation_messages():
         GPTQConfig(block_size=0)
     with pytest.raises(ValueError, match="act_order"):
         GPTQConfig(act_order="yes")
+    with pytest.raises(ValueError, match="mse_weighting"):
+        GPTQConfig(mse_weighting="l1")
 
 
 def test_quantizer_shares_gram_between_linears_with_one_input():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -28,11 +29,9 @@ EVAL = dict(seqlen=128, max_windows=3)
 
 
 @pytest.fixture(autouse=True)
-def _one_thread(request):
-    """Tiny matmuls run far faster on one thread, above all on a loaded machine."""
-    if request.node.get_closest_marker("model"):
-        yield
-        return
+def _one_thread():
+    """One intra-op thread: tiny matmuls run far faster so, and on a loaded 2-core machine even
+    SmolLM2 does (measured: 2 threads were over 4x slower there than 1)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -153,6 +152,77 @@ def test_examples_validate():
     assert all(j.calibration.num_samples == 128 and j.evaluation.max_windows == 8 for j in batch)
 
 
+def test_examples_check_from_the_cli(capsys):
+    root = Path(__file__).resolve().parents[1] / "examples"
+    assert main(["batch", str(root / "jobs.yaml"), "--check"]) == 0
+    lines = capsys.readouterr().out.splitlines()  # one line per job: what the SLURM/shell scripts count
+    assert [ln.split(" (")[0] for ln in lines] == [f"{i}: {j.name}" for i, j in enumerate(jobs.load_jobs(root / "jobs.yaml"))]
+    assert main(["run", str(root / "recipe.yaml"), "--check"]) == 0
+    assert capsys.readouterr().out.startswith("0: smollm2-gptq-w4g64 (")
+
+
+def _stub_ptqkit(tmp_path: Path, fail_index: int | None = None) -> tuple[dict, Path]:
+    """A fake ``ptqkit`` on PATH that records its arguments and prints 3 jobs for ``--check``."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    stub = bin_dir / "ptqkit"
+    stub.write_text(textwrap.dedent(f"""\
+        #!/usr/bin/env bash
+        echo "$*" >> {log}
+        case " $* " in *" --check "*) printf '0: a (f:2) -> a\\n1: b (f:5) -> b\\n2: c (f:8) -> c\\n' ;; esac
+        case " $* " in *" --index {fail_index} "*) exit 1 ;; esac
+        """))
+    stub.chmod(0o755)
+    import os
+
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, log
+
+
+def _calls(log: Path) -> list[list[str]]:
+    """The recorded command lines, each also parsed by the real CLI parser (so the scripts use valid flags)."""
+    from ptqkit.cli import build_parser
+
+    calls = [ln.split() for ln in log.read_text().splitlines()]
+    for c in calls:
+        build_parser().parse_args(c)
+    return calls
+
+
+@pytest.mark.parametrize("parallel", ["1", "2"])
+def test_run_batch_script(tmp_path, parallel):
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "run_batch.sh"
+    env, log = _stub_ptqkit(tmp_path, fail_index=1)
+    env["PARALLEL"] = parallel
+    proc = subprocess.run(["bash", str(script), "jobs.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    calls = _calls(log)
+    assert calls[0] == ["batch", "jobs.yaml", "--check"]
+    if parallel == "1":
+        assert calls[1:] == [["batch", "jobs.yaml", "--summary", "jobs.summary.json"]] and proc.returncode == 0
+    else:  # one process per job, and the failed one (index 1) makes the script fail
+        assert sorted(calls[1:]) == [["batch", "jobs.yaml", "--index", str(i)] for i in range(3)]
+        assert proc.returncode != 0
+
+
+def test_slurm_array_script(tmp_path):
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "slurm_array.sh"
+    lines = [ln.strip() for ln in script.read_text().splitlines()]
+    first_command = next(i for i, ln in enumerate(lines) if ln and not ln.startswith("#"))
+    sbatch = [i for i, ln in enumerate(lines) if ln.startswith("#SBATCH")]
+    assert sbatch and max(sbatch) < first_command  # sbatch reads #SBATCH lines only before the first command
+    env, log = _stub_ptqkit(tmp_path)
+    env.pop("SLURM_ARRAY_TASK_ID", None)
+    proc = subprocess.run(["bash", str(script), "jobs.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "sbatch --array" in proc.stderr and not log.exists()
+    env.update(SLURM_ARRAY_TASK_ID="2", SLURM_ARRAY_JOB_ID="77")
+    proc = subprocess.run(["bash", str(script), "jobs.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert _calls(log) == [["batch", "jobs.yaml", "--index", "2", "--summary", "logs/summary-77-2.json"]]
+
+
 def test_plan_validates_every_combination_before_loading():
     combos = jobs.plan(["rtn", "smoothquant"], [4, 3], [32, -1])
     assert [c.label for c in combos] == ["rtn-w4g32", "rtn-w4pc", "rtn-w3g32", "rtn-w3pc", "smoothquant-w8a8"]
@@ -161,6 +231,37 @@ def test_plan_validates_every_combination_before_loading():
         jobs.plan(["rtn"], [9], [64])
     with pytest.raises(jobs.SpecError, match=r"unknown method 'nope'"):
         jobs.plan(["rtn", "nope"], [4], [64])
+
+
+def test_methods_with_their_own_options():
+    from ptqkit.config import build_recipe
+
+    text = "rtn,gptq,gptq[act_order=false],gptq[true_sequential=false],awq[sym=false,duo_scaling=true]"
+    assert jobs.split_methods(text) == ["rtn", "gptq", "gptq[act_order=false]", "gptq[true_sequential=false]",
+                                        "awq[sym=false,duo_scaling=true]"]
+    assert jobs.parse_method(" awq[ sym = false , duo_scaling=true ] ") == (
+        "awq[sym=false,duo_scaling=true]", "awq", {"sym": False, "duo_scaling": True})
+    combos = jobs.plan(jobs.split_methods(text + ",gptq[act_order=False]"), [4, 3], [64], {"sym": True})
+    by_label = {c.label: c for c in combos}
+    assert len(combos) == 10  # gptq[act_order=False] is gptq[act_order=false] again: once
+    assert list(by_label)[:6] == ["rtn-w4g64", "rtn-w3g64", "gptq-w4g64", "gptq-w3g64", "gptq[act_order=false]-w4g64",
+                                  "gptq[act_order=false]-w3g64"]
+    c = by_label["gptq[act_order=false]-w3g64"]
+    assert (c.method, c.recipe, c.method_options) == ("gptq[act_order=false]", "gptq", {"act_order": False})
+    assert c.options == {"sym": True, "act_order": False, "bits": 3, "group_size": 64}
+    [gptq] = build_recipe(c.recipe, c.options)
+    assert (gptq.config.act_order, gptq.config.true_sequential, gptq.config.bits) == (False, True, 3)
+    [gptq] = build_recipe("gptq", by_label["gptq[true_sequential=false]-w4g64"].options)
+    assert (gptq.config.act_order, gptq.config.true_sequential) == (True, False)
+    awq, rtn = build_recipe("awq", by_label["awq[sym=false,duo_scaling=true]-w4g64"].options)
+    assert awq.config.duo_scaling is True and (rtn.config.sym, rtn.config.bits) == (False, 4)  # over the global sym
+    bad = {"gptq[actorder=false]": "method 'gptq[actorder=false]': option(s) ['actorder'] are not taken",
+           "gptq[bits=3]": "come from --bits/--group-size", "gptq[act_order]": "expected KEY=VALUE",
+           "rtn[sym=true,sym=false]": "'sym' is given twice", "rtn,gptq[act_order=false": "a '[' is not closed",
+           "rtn],gptq[": "unbalanced"}
+    for spec, fragment in bad.items():
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            jobs.plan(jobs.split_methods(spec), [4], [64])
 
 
 def test_run_batch_validates_jobs_built_in_code(monkeypatch):
@@ -191,8 +292,23 @@ def job_yaml(model_dir: str, out: Path, name: str, extra: str = "") -> str:
 
 def test_run_job_matches_the_direct_api_and_skips_when_done(tiny_dir, tmp_path, monkeypatch):
     path = write(tmp_path, "jobs:" + job_yaml(tiny_dir, tmp_path, "w4"))
-    assert main(["run", str(path)]) == 0
     out = tmp_path / "w4"
+    real_save = ptqkit.api.save
+
+    def interrupted(model, where, **kw):  # Ctrl-C halfway through writing the checkpoint
+        real_save(model, where, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ptqkit.api, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["run", str(path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]  # nothing half-written
+    monkeypatch.setattr(ptqkit.api, "save", real_save)
+    for left in (".w4.tmp-killed", ".w4.old-killed"):  # what a killed (not interrupted) writer leaves
+        (tmp_path / left / "model.safetensors").parent.mkdir()
+        (tmp_path / left / "model.safetensors").write_bytes(b"half")
+    assert main(["run", str(path)]) == 0  # restarts cleanly (see the numbers below)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml", "w4"]
     q, rep, _ = reference(tiny_dir, "rtn", bits=4, group_size=32)
     row = json.loads((out / jobs.JOB_FILE).read_text())["row"]
     assert row["ppl"] == pytest.approx(rep.ppl_q, rel=1e-6) and row["kl"] == pytest.approx(rep.kl, rel=1e-5)
@@ -210,14 +326,18 @@ def test_run_job_matches_the_direct_api_and_skips_when_done(tiny_dir, tmp_path, 
     assert res.status == "done" and res.row["ppl"] == pytest.approx(rep.ppl_q, rel=1e-6)
 
 
-def test_batch_records_a_failed_job_and_goes_on(tiny_dir, tmp_path):
+def test_batch_records_a_failed_job_and_goes_on(tiny_dir, tmp_path, capsys):
     # job 1 asks for calibration windows longer than the calibration text: it fails at run time
     bad = job_yaml(tiny_dir, tmp_path, "bad").replace("seqlen: 64}", "seqlen: 10000000}")
     path = write(tmp_path, "jobs:" + job_yaml(tiny_dir, tmp_path, "a") + bad + job_yaml(tiny_dir, tmp_path, "c"))
     summary = tmp_path / "summary.json"
     assert main(["batch", str(path), "--summary", str(summary)]) == 1
-    statuses = [r["status"] for r in json.loads(summary.read_text())]
-    assert statuses == ["done", "failed", "done"]
+    results = json.loads(summary.read_text())
+    assert [r["status"] for r in results] == ["done", "failed", "done"]
+    out, err = capsys.readouterr()  # one summary line per job; progress bars per job and per block
+    assert out.splitlines() == [jobs.summary_line(r["name"], r["row"]) for r in results]
+    assert out.startswith(f"a: ppl {results[0]['row']['ppl']:.3f} (") and "\nbad: FAILED ValueError" in out
+    assert "jobs: 100%" in err and "rtn: blocks: 100%" in err
     failed = json.loads((tmp_path / "bad.failed.json").read_text())
     assert "calibration text has" in failed["error"] and failed["job"]["name"] == "bad"
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad.tmp-*"))
@@ -231,8 +351,8 @@ def test_batch_records_a_failed_job_and_goes_on(tiny_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------- compare
-def compare_args(tiny_dir: str, out: Path, methods: str = "rtn", groups: str = "32,-1") -> list[str]:
-    return ["compare", "--model", tiny_dir, "--methods", methods, "--bits", "4,3", "--group-size", groups,
+def compare_args(tiny_dir: str, out: Path, methods: str = "rtn", groups: str = "32,-1", bits: str = "4,3") -> list[str]:
+    return ["compare", "--model", tiny_dir, "--methods", methods, "--bits", bits, "--group-size", groups,
             "--calibration", f"{tiny_dir}/calib.txt", "--num-samples", "8", "--seqlen", "64",
             "--eval-dataset", f"{tiny_dir}/eval.txt", "--eval-seqlen", "128", "--max-eval-windows", "3",
             "--output", str(out)]
@@ -245,7 +365,8 @@ def test_compare_writes_every_file_with_the_direct_api_numbers(tiny_dir, tmp_pat
         assert (tmp_path / name).stat().st_size > 0
     import matplotlib.image
 
-    assert matplotlib.image.imread(tmp_path / jobs.PLOT_BITS).shape[2] in (3, 4)
+    for plot in (jobs.PLOT_BITS, jobs.PLOT_SIZE):
+        assert matplotlib.image.imread(tmp_path / plot).shape[2] in (3, 4)
     res = json.loads((tmp_path / jobs.RESULTS_JSON).read_text())
     rows = {r["label"]: r for r in res["runs"].values()}
     assert len(rows) == 4 * len(methods.split(","))
@@ -264,6 +385,36 @@ def test_compare_writes_every_file_with_the_direct_api_numbers(tiny_dir, tmp_pat
     assert res["calibration"]["fingerprint"] == load_calibration(f"{tiny_dir}/calib.txt", tok, **CAL).fingerprint
     md = (tmp_path / jobs.RESULTS_MD).read_text()
     assert f"| rtn | 3 | 32 | {rows['rtn-w3g32']['ppl']:.4f} |" in md and res["calibration"]["fingerprint"][:16] in md
+
+
+def test_compare_methods_with_their_own_options(tiny_dir, tmp_path, monkeypatch, caplog):
+    real_quantize, calls = ptqkit.api.quantize, []
+
+    def counting(m, *a, **k):
+        calls.append(k.get("sym"))
+        return real_quantize(m, *a, **k)
+
+    monkeypatch.setattr(ptqkit.api, "quantize", counting)
+    args = compare_args(tiny_dir, tmp_path, "rtn,rtn[sym=false]", groups="32", bits="4")
+    assert main(args) == 0 and calls == [None, False]
+    res = json.loads((tmp_path / jobs.RESULTS_JSON).read_text())
+    rows = {r["label"]: r for r in res["runs"].values()}
+    asym = rows["rtn[sym=false]-w4g32"]
+    assert (asym["method"], asym["recipe"], asym["method_options"]) == ("rtn[sym=false]", "rtn", {"sym": False})
+    assert asym["options"] == {"sym": False, "bits": 4, "group_size": 32}
+    _, rep, _ = reference(tiny_dir, "rtn", bits=4, group_size=32, sym=False)
+    assert asym["ppl"] == pytest.approx(rep.ppl_q, rel=1e-6) and asym["ppl"] != rows["rtn-w4g32"]["ppl"]
+    assert f"| rtn[sym=false] | 4 | 32 | {asym['ppl']:.4f} |" in (tmp_path / jobs.RESULTS_MD).read_text()
+    assert (tmp_path / "runs" / "rtn[sym=false]-w4g32" / "report.json").is_file()
+    # --asym changes rtn's options, so rtn reruns; rtn[sym=false] had those options already: skipped
+    calls.clear()
+    assert main(args + ["--asym"]) == 0 and calls == [False]
+    rows = {r["label"]: r for k, r in json.loads((tmp_path / jobs.RESULTS_JSON).read_text())["runs"].items()}
+    assert rows["rtn-w4g32"]["options"]["sym"] is False and rows["rtn-w4g32"]["ppl"] == pytest.approx(asym["ppl"])
+    # an unknown option is reported, naming the method, before any model loads
+    monkeypatch.setattr(ptqkit.models, "load_model", lambda *a, **k: pytest.fail("a model loaded during validation"))
+    assert main(compare_args(tiny_dir, tmp_path, "rtn,rtn[sim=false]")) == 2
+    assert "method 'rtn[sim=false]': option(s) ['sim'] are not taken" in caplog.text
 
 
 def test_compare_resumes_after_an_interruption(tiny_dir, tmp_path, monkeypatch):
@@ -341,17 +492,20 @@ def test_cached_baseline_replays_the_exact_logits(tiny_dir, tmp_path):
 @pytest.mark.model
 def test_compare_on_smollm2_rtn(smollm2, tmp_path):
     """SmolLM2-135M, RTN at 4 and 3 bits, group 128 (ragged on 576-wide inputs), 16 x 256 calibration
-    tokens (unused by RTN; fingerprinted), 2 evaluation windows x 256 tokens of the builtin split."""
+    tokens (unused by RTN; fingerprinted), 1 evaluation window x 256 tokens of the builtin split
+    (evaluation dominates the time: 49k-token vocabulary)."""
     model, tok = smollm2
     fp = copy.deepcopy(model)
     res = jobs.compare((model, tok), ["rtn"], [4, 3], [128], tmp_path,
                        jobs.CalibrationSpec(num_samples=16, seqlen=256),
-                       jobs.EvaluationSpec(seqlen=256, max_windows=2))
+                       jobs.EvaluationSpec(seqlen=256, max_windows=1))
     rows = {res["runs"][k]["label"]: res["runs"][k] for k in res["current"]}
     q = ptqkit.quantize(copy.deepcopy(fp), "rtn", bits=3, group_size=128)
-    rep = evaluate(q, tok, baseline=fp, seqlen=256, max_windows=2)
+    rep = evaluate(q, tok, baseline=fp, seqlen=256, max_windows=1)
     w3, w4 = rows["rtn-w3g128"], rows["rtn-w4g128"]
     assert w3["ppl"] == pytest.approx(rep.ppl_q, rel=1e-5) and w3["kl"] == pytest.approx(rep.kl, rel=1e-4)
     assert w3["ppl_fp"] == pytest.approx(rep.ppl_fp, rel=1e-6)
     assert rep.ppl_fp < w4["ppl"] < w3["ppl"] and w4["kl"] < w3["kl"] and w4["top1"] > w3["top1"]
     assert w4["size_mb"] < 0.5 * res["baselines"][res["baseline"]]["size_mb"]
+    for name in (jobs.RESULTS_JSON, jobs.RESULTS_MD, jobs.PLOT_BITS, jobs.PLOT_SIZE):
+        assert (tmp_path / name).stat().st_size > 0

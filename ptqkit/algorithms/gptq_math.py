@@ -12,7 +12,6 @@ the running Hessian it is given) and works on any device; the wiring lives in ``
 """
 from __future__ import annotations
 
-import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,8 +20,6 @@ from typing import Iterator
 import torch
 
 from ..quant import QuantArgs, find_qparams, group_view, num_groups, qparams_from_range
-
-log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -43,10 +40,23 @@ class CholeskyError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------- Hessian
-def input_gram(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``(Σ x xᵀ, n)`` over the tokens of ``x [..., K]``, in fp32 (the per-batch part of Eq. 1)."""
+def input_gram(x: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, int]:
+    """``(Σ x xᵀ, n)`` over the tokens of ``x [..., K]``, in fp32 (the per-batch part of Eq. 1).
+
+    The Gram matrix is symmetric, so only its upper block-triangle is multiplied out, in row
+    strips of ``chunk`` columns of ``x``, and mirrored: about (1 + 1/p)/2 of the full product's
+    FLOPs for ``p`` strips (0.58x at K = 1536), each dot product computed exactly as in ``xᵀ x``.
+    """
     x = x.reshape(-1, x.shape[-1]).float()                        # [n, K]
-    return x.t() @ x, x.shape[0]
+    k = x.shape[1]
+    if k <= chunk:
+        return x.t() @ x, x.shape[0]
+    gram = torch.empty(k, k, dtype=x.dtype, device=x.device)
+    for i in range(0, k, chunk):
+        strip = x[:, i:i + chunk].t() @ x[:, i:]                  # [c, K - i]: rows i..i+c, upper part
+        gram[i:i + chunk, i:] = strip
+        gram[i + chunk:, i:i + chunk] = strip[:, chunk:].t()      # mirror below the diagonal block
+    return gram, x.shape[0]
 
 
 def accumulate_hessian(
