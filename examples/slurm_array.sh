@@ -2,6 +2,7 @@
 # Spread a ptqkit batch over a SLURM cluster: one array task per job.
 #
 #   N=$(ptqkit batch examples/jobs.yaml --check | wc -l)     # validates every job (no model loads)
+#   mkdir -p logs                                            # SLURM does not create the --output directory
 #   sbatch --array=0-$((N - 1)) examples/slurm_array.sh examples/jobs.yaml
 #
 # Each task runs job $SLURM_ARRAY_TASK_ID (0-based, in file order). Outputs are written atomically, so a

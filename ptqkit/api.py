@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import formats
+from . import distributed, formats
 from .calibration.runner import run
 from .config import MethodSpec, build_recipe, recipe_to_list
 from .models import find_blocks
@@ -65,6 +65,7 @@ def quantize(
         "calibration_fingerprint": calib.fingerprint if calib is not None else None,
         "timings": {"quantize_s": wall, **{k: v for k, v in info.items() if k.endswith("_s")}},
         "blocks": info.get("blocks", []),
+        "distributed": info.get("distributed"),  # world_size, rank, samples_per_rank (torchrun)
         "layers": _merge_stats(steps),
     }
     log.info("quantized with %s in %.1fs", name, wall)
@@ -80,14 +81,24 @@ def _merge_stats(steps: list) -> dict[str, dict[str, Any]]:
     return layers
 
 
-def save(model: nn.Module, path: str | os.PathLike, format: str = "native", tokenizer: Any = None, **kw: Any) -> Path:
-    """Write a (quantized) model to ``path`` atomically in ``format``."""
-    return formats.save(model, path, format=format, tokenizer=tokenizer, **kw)
+def save(model: nn.Module, path: str | os.PathLike, format: str = "native", tokenizer: Any = None,
+         report: Any = None, **kw: Any) -> Path:
+    """Write a (quantized) model to ``path`` atomically in ``format`` (native, gptq, awq,
+    compressed-tensors); ``report`` (an evaluation Report or a dict of metrics) goes into the
+    checkpoint's ``ptqkit_report.json`` with the recipe and calibration fingerprint, in the same write.
+    Under torchrun only rank 0 writes; the other ranks wait at a barrier until it has."""
+    try:
+        if distributed.is_main():
+            return formats.save(model, path, format=format, tokenizer=tokenizer, report=report, **kw)
+        return Path(path)
+    finally:
+        distributed.barrier()
 
 
-def load(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
-    """Load a quantized checkpoint written by :func:`save` (or another tool, where supported)."""
-    return formats.load(path, device=device)
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a quantized checkpoint in any format :func:`ptqkit.formats.detect` recognises, written by
+    :func:`save` or by another tool; ``dtype`` overrides the checkpoint's float dtype."""
+    return formats.load(path, device=device, dtype=dtype)
 
 
 def model_size_mb(model: nn.Module) -> float:

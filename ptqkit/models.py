@@ -206,14 +206,17 @@ def load_model(
     device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from the default ``smollm2-135m``, a ``.gguf`` file, a local HF
-    directory (a ptqkit-quantized one included) or a hub id (when online)."""
+    directory or a hub id (when online). A quantized checkpoint directory in any format ptqkit
+    reads (native, GPTQ, AWQ, compressed-tensors; ``ptqkit.formats.detect``) loads as ptqkit
+    layers in ``dtype``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
-    if Path(path).is_dir() and (Path(path) / "ptqkit_quant.json").is_file():
-        from .formats.native import load_native
+    if Path(path).is_dir():
+        from . import formats
 
-        return load_native(path, device=device), AutoTokenizer.from_pretrained(path)
+        if formats.detect(path) is not None:
+            return formats.load(path, device=device, dtype=dtype), _checkpoint_tokenizer(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(path)
@@ -224,3 +227,15 @@ def load_model(
     model.eval().to(device)
     model.config.use_cache = False
     return model, tok
+
+
+def _checkpoint_tokenizer(path: str) -> Any:
+    """The tokenizer saved with a quantized checkpoint, or a clear error when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"{path} holds a quantized model but no tokenizer ({str(e).strip().splitlines()[0]}); save it with ptqkit.save(..., tokenizer=tok) "
+            "or copy the original model's tokenizer files into it") from e

@@ -6,8 +6,10 @@ For 2/4/8 bits this is exactly the GPTQ ``qweight`` layout (``32/bits`` codes pe
 word); for 3 bits it is GPTQ's layout too (32 codes in 3 words, two codes straddle
 word boundaries). Any bit width 1..8 works.
 
-Every 32 codes fill exactly ``bits`` words, so both directions work on units of
-32 codes ``[U, 32, N] <-> [U, bits, N]`` with one vectorized step per code position.
+When ``bits`` divides 32 (1, 2, 4, 8) a word holds ``32/bits`` whole codes and both directions
+are a shift-and-or over int32 ``[W, 32/bits, N]`` (several times faster on big layers). Otherwise
+every 32 codes fill exactly ``bits`` words, so both directions work on units of 32 codes
+``[U, 32, N] <-> [U, bits, N]`` with one vectorized step per code position.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack codes ``[K, N]`` (values in ``[0, 2**bits)``) into int32 ``[ceil(K*bits/32), N]``."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
+    if 32 % bits == 0:
+        return _pack_whole_words(codes, bits)
     k, n = codes.shape
     units = (k + 31) // 32
     c = torch.zeros(units * 32, n, dtype=torch.int64, device=codes.device)
@@ -50,6 +54,10 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     """Inverse of :func:`pack`: int32 ``[words, N]`` -> uint8 codes ``[rows, N]``."""
+    if 32 % bits == 0:
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+        out = (packed.to(torch.int32).unsqueeze(1) >> shifts[None, :, None]) & ((1 << bits) - 1)  # [W, per, N]
+        return out.reshape(-1, packed.shape[1])[:rows].to(torch.uint8)
     words, n = packed.shape
     units = (rows + 31) // 32
     p = torch.zeros(units * bits, n, dtype=torch.int64, device=packed.device)
@@ -63,3 +71,16 @@ def unpack(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
             v = v | (p[:, word + 1] << (bits - spill))
         out[:, i] = v & mask
     return out.view(units * 32, n)[:rows]
+
+
+def _pack_whole_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`pack` for ``bits`` dividing 32: code ``i`` of word ``w`` at bits ``[i*bits, (i+1)*bits)``."""
+    per = 32 // bits
+    c = codes.to(torch.int32) & ((1 << bits) - 1)
+    if c.shape[0] % per:
+        c = torch.nn.functional.pad(c, (0, 0, 0, per - c.shape[0] % per))
+    c = c.reshape(-1, per, c.shape[1])                                  # [W, per, N]
+    out = c[:, 0].clone()
+    for i in range(1, per):
+        out |= c[:, i] << (i * bits)                                    # wraps into the sign bit
+    return out

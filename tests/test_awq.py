@@ -12,7 +12,8 @@ from torch import nn
 
 import ptqkit
 from ptqkit.algorithms import awq_math as am
-from ptqkit.algorithms.awq import AWQ, AWQConfig, slice_batch
+from ptqkit.algorithms.awq import AWQ, AWQConfig
+from ptqkit.nested import slice_batch
 from ptqkit.algorithms.base import Quantizer, QuantizerConfig
 from ptqkit.calibration.data import CalibrationSet
 from ptqkit.calibration.runner import run

@@ -6,7 +6,6 @@ dequantized directly from hand-built checkpoints, or plain transformers.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import ptqkit
 from ptqkit import formats
@@ -234,17 +233,17 @@ def test_qweight_packing_matches_autogptq_loops(bits):
     assert torch.equal(gptq_fmt.unpack_cols(gptq_fmt.pack_cols(zeros, bits), bits, 64), zeros.to(torch.uint8))
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("rows", [64, 61])
-def test_fast_pack_rows_equals_ptqkit_packing(bits, rows):
-    """The formats' shift-and-or packing is ptqkit.packing's bitstream, ragged K included."""
+def test_packing_is_the_bitstream_along_k(bits, rows):
+    """``ptqkit.packing`` (whole-word fast path for 1/2/4/8 bits, unit path otherwise) writes code k
+    of a column at bits [k·b, (k+1)·b) of that column's little-endian stream, ragged K included."""
     from ptqkit.packing import unpack
 
     codes = torch.randint(0, 2**bits, (rows, 24), generator=torch.Generator().manual_seed(bits))
-    packed = common.pack_rows(codes, bits)
-    assert torch.equal(packed, pack(codes, bits))
-    assert torch.equal(common.unpack_rows(packed, bits, rows), unpack(packed, bits, rows))
-    assert torch.equal(common.unpack_rows(packed, bits, rows), codes.to(torch.uint8))
+    packed = pack(codes, bits)
+    assert torch.equal(packed, to_i32(ref_pack_bitstream_rows(codes.numpy().T, bits)).t())
+    assert torch.equal(unpack(packed, bits, rows), codes.to(torch.uint8))
 
 
 def test_awq_packing_matches_autoawq_loop():
@@ -254,6 +253,99 @@ def test_awq_packing_matches_autoawq_loop():
     assert torch.equal(awq_fmt.awq_unpack(ref), v.to(torch.uint8))
     # word 0 nibble 1 is column 2 (interleaved), not column 1
     assert ((ref[0, 0].item() & 0xFFFFFFFF) >> 4) & 0xF == v[0, 2].item()
+
+
+# ----------------------------------------------------------------------------- layouts vs descriptions
+def saved(model: nn.Module, path: Path, fmt: str, **opts) -> tuple[dict[str, torch.Tensor], dict]:
+    """Save ``model`` in ``fmt``; its tensors and ``config.json``'s ``quantization_config``."""
+    from safetensors.torch import load_file
+
+    ptqkit.save(model, path, format=fmt, **opts)
+    return load_file(str(path / common.SAFE_FILE)), json.loads((path / "config.json").read_text())["quantization_config"]
+
+
+def layer_keys(tensors: dict[str, torch.Tensor], name: str) -> set[str]:
+    return {k[len(name) + 1:] for k in tensors if k.startswith(name + ".")}
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_layout_and_config(tmp_path, bits):
+    """qweight [K·b/32, N] packed along K, qzeros [G, N·b/32] holding zero − 1 (v1), scales [G, N],
+    g_idx [K]; quantization_config as transformers / vLLM read it."""
+    model = quantize_randomly(tiny_model(), bits=bits, group_size=32, sym=False, zero_min=1)
+    t, qc = saved(model, tmp_path / "g", "gptq")
+    assert {k: qc[k] for k in ("quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_format")} == {
+        "quant_method": "gptq", "bits": bits, "group_size": 32, "desc_act": False, "sym": False,
+        "checkpoint_format": "gptq"}
+    for name, m in common.quant_layers(model).items():
+        k, n, g = m.in_features, m.out_features, m.scales.shape[0]
+        assert layer_keys(t, name) == {"qweight", "qzeros", "scales", "g_idx"}, name
+        qweight = to_i32(ref_pack_gptq(codes_original_order(m).t().numpy(), bits))
+        assert t[f"{name}.qweight"].shape == (k * bits // 32, n) and torch.equal(t[f"{name}.qweight"], qweight), name
+        qzeros = to_i32(ref_pack_gptq((m.zeros.long() - 1).numpy().T, bits)).t()
+        assert t[f"{name}.qzeros"].shape == (g, n * bits // 32) and torch.equal(t[f"{name}.qzeros"], qzeros), name
+        assert torch.equal(t[f"{name}.scales"], m.scales), name
+        assert t[f"{name}.g_idx"].dtype == torch.int32 and torch.equal(t[f"{name}.g_idx"].long(), torch.arange(k) // 32)
+
+
+def test_awq_layout_and_config(tmp_path):
+    """qweight [K, N/8] and qzeros [G, N/8] in AWQ's interleaved nibble order, scales [G, N]."""
+    model = quantize_randomly(tiny_model(), bits=4, group_size=32, sym=False)
+    t, qc = saved(model, tmp_path / "a", "awq")
+    assert {k: qc[k] for k in ("quant_method", "bits", "group_size", "zero_point", "version")} == {
+        "quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
+    for name, m in common.quant_layers(model).items():
+        k, n = m.in_features, m.out_features
+        assert layer_keys(t, name) == {"qweight", "qzeros", "scales"}, name
+        qweight = to_i32(ref_pack_awq(codes_original_order(m).t().numpy()))
+        assert t[f"{name}.qweight"].shape == (k, n // 8) and torch.equal(t[f"{name}.qweight"], qweight), name
+        assert torch.equal(t[f"{name}.qzeros"], to_i32(ref_pack_awq(m.zeros.numpy()))), name
+        assert torch.equal(t[f"{name}.scales"], m.scales), name
+
+
+@pytest.mark.parametrize("kind", ["w4-asym-g32", "w8a8"])
+def test_compressed_tensors_layout_written_by_the_library(tmp_path, monkeypatch, kind):
+    """Every layer goes through the compressed-tensors compressor and ModelCompressor writes the
+    config (spied); the result is the format description: pack-quantized weight_packed [N, K·b/32]
+    (codes packed along K), weight_scale [N, G], weight_zero_point packed along N; int-quantized int8
+    weight [N, K], weight_scale [N, 1]."""
+    from compressed_tensors.compressors import (IntQuantizationCompressor, ModelCompressor,
+                                                PackedQuantizationCompressor)
+    from compressed_tensors.quantization import QuantizationConfig
+
+    calls: list[str] = []
+
+    def spy(cls, method):
+        real = getattr(cls, method)
+        monkeypatch.setattr(cls, method, lambda self, *a, **k: calls.append(method) or real(self, *a, **k))
+
+    spy(PackedQuantizationCompressor, "compress")
+    spy(IntQuantizationCompressor, "compress")
+    spy(ModelCompressor, "update_config")
+    model = (quantize_randomly(tiny_model(), bits=4, group_size=32, sym=False) if kind == "w4-asym-g32"
+             else w8a8_model(static=False))
+    t, qc = saved(model, tmp_path / "ct", "compressed-tensors")
+    layers = common.quant_layers(model)
+    assert calls == ["compress"] * len(layers) + ["update_config"]
+    parsed = QuantizationConfig.model_validate({k: v for k, v in qc.items() if k in QuantizationConfig.model_fields})
+    w = parsed.config_groups["group_0"].weights
+    assert qc["quant_method"] == "compressed-tensors" and qc["quantization_status"] == "compressed"
+    for name, m in layers.items():
+        n, k = m.out_features, m.in_features
+        if kind == "w8a8":
+            assert qc["format"] == "int-quantized" and (w.num_bits, w.strategy, w.symmetric) == (8, "channel", True)
+            assert layer_keys(t, name) == {"weight", "weight_scale"}, name
+            assert t[f"{name}.weight"].dtype == torch.int8 and torch.equal(t[f"{name}.weight"], m.qweight), name
+            assert torch.equal(t[f"{name}.weight_scale"], m.weight_scale[:, None]), name
+            continue
+        assert qc["format"] == "pack-quantized"
+        assert (w.num_bits, w.strategy, w.group_size, w.symmetric) == (4, "group", 32, False)
+        assert layer_keys(t, name) == {"weight_packed", "weight_scale", "weight_zero_point", "weight_shape"}, name
+        packed = to_i32(ref_pack_bitstream_rows(codes_original_order(m).numpy(), 4))       # [N, K/8]
+        assert t[f"{name}.weight_packed"].shape == (n, k // 8) and torch.equal(t[f"{name}.weight_packed"], packed)
+        assert torch.equal(t[f"{name}.weight_scale"], m.scales.t()), name
+        assert torch.equal(t[f"{name}.weight_zero_point"], to_i32(ref_pack_bitstream_rows(m.zeros.numpy(), 4)).t())
+        assert t[f"{name}.weight_shape"].tolist() == [n, k], name
 
 
 # ----------------------------------------------------------------------------- round trips (tiny model)
@@ -412,317 +504,3 @@ def test_load_errors_are_clear(tmp_path):
         ptqkit.load(tmp_path / "plain")
 
 
-# ----------------------------------------------------------------------------- checkpoints from other tools
-def handmade(base: nn.Module, make_layer, seed: int):
-    """Tensors of a checkpoint built by hand: the base model's float tensors plus, per block linear,
-    what ``make_layer(k, n, gen)`` returns (its tensors, and its float weight [N, K] computed directly)."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors, weights = float_part(base), {}
-    tensors.pop("lm_head.weight", None)                        # tied to the embeddings
-    for i in range(base.config.num_hidden_layers):
-        for rel in BLOCK_LINEARS:
-            name = f"model.layers.{i}.{rel}"
-            lin = base.get_submodule(name)
-            layer, weights[name] = make_layer(lin.in_features, lin.out_features, gen)
-            tensors.update({f"{name}.{k}": v for k, v in layer.items()})
-    return tensors, weights
-
-
-def check_handmade(path: Path, base: nn.Module, weights: dict[str, torch.Tensor], dtype=None) -> nn.Module:
-    """ptqkit reads every layer's weight exactly and the logits of a plain transformers model
-    carrying the directly computed weights."""
-    loaded = formats.load(path, dtype=dtype)
-    for name, w in weights.items():
-        assert torch.equal(loaded.get_submodule(name).dequantize(), w), name
-    torch.testing.assert_close(logits(loaded), logits(reference_with_weights(weights, base)), rtol=1e-4, atol=1e-4)
-    return loaded
-
-
-def test_load_handmade_gptq_v1_desc_act_fp16(tmp_path):
-    """As AutoGPTQ writes it: fp16, qzeros = zero - 1 (v1), g_idx of an act-order run."""
-    base, gs = tiny_model(), 16
-
-    def layer(k, n, gen):
-        codes = torch.randint(0, 16, (k, n), generator=gen)                       # [K, N]
-        zeros = torch.randint(1, 16, (k // gs, n), generator=gen)
-        scales = (torch.rand(k // gs, n, generator=gen) * 0.02 + 0.002).half()
-        g_idx = torch.arange(k)[torch.randperm(k, generator=gen)] // gs           # act-order groups
-        return ({"qweight": to_i32(ref_pack_gptq(codes.numpy(), 4)), "scales": scales,
-                 "qzeros": to_i32(ref_pack_gptq((zeros - 1).numpy().T, 4)).t(), "g_idx": g_idx.to(torch.int32)},
-                ((codes - zeros[g_idx]) * scales[g_idx].float()).t())
-
-    tensors, weights = handmade(base, layer, 11)
-    tensors = {k: v.half() if v.dtype == torch.float32 else v for k, v in tensors.items()}
-    base.load_state_dict({k: v.float() for k, v in tensors.items() if k in base.state_dict()}, strict=False)
-    write_fixture(tmp_path / "ext", tensors, {"quant_method": "gptq", "bits": 4, "group_size": gs, "desc_act": True,
-                                              "sym": False, "checkpoint_format": "gptq"}, base)
-    assert next(ptqkit.load(tmp_path / "ext").parameters()).dtype == torch.float16
-    loaded = check_handmade(tmp_path / "ext", base, weights, dtype=torch.float32)
-    assert loaded.model.layers[0].self_attn.q_proj.perm is not None
-
-
-def test_load_handmade_gptq_v2_3bit(tmp_path):
-    base = tiny_model()
-
-    def layer(k, n, gen):
-        codes = torch.randint(0, 8, (k, n), generator=gen)
-        zeros = torch.randint(0, 8, (1, n), generator=gen)                       # per channel; v2: as is
-        scales = torch.rand(1, n, generator=gen) * 0.02 + 0.002
-        return ({"qweight": to_i32(ref_pack_gptq(codes.numpy(), 3)), "scales": scales,
-                 "qzeros": to_i32(ref_pack_gptq(zeros.numpy().T, 3)).t(), "g_idx": torch.zeros(k, dtype=torch.int32)},
-                ((codes - zeros) * scales).t())
-
-    tensors, weights = handmade(base, layer, 12)
-    write_fixture(tmp_path / "v2", tensors, {"quant_method": "gptq", "bits": 3, "group_size": -1, "desc_act": False,
-                                              "sym": False, "checkpoint_format": "gptq_v2"}, base)
-    loaded = check_handmade(tmp_path / "v2", base, weights)
-    assert all(m.bits == 3 and m.perm is None for m in common.quant_layers(loaded).values())
-
-
-def test_load_handmade_awq_gemm(tmp_path):
-    """As AutoAWQ writes it (its own config keys w_bit / q_group_size)."""
-    base, gs = tiny_model(), 32
-
-    def layer(k, n, gen):
-        codes = torch.randint(0, 16, (k, n), generator=gen)
-        zeros = torch.randint(0, 16, (k // gs, n), generator=gen)
-        scales = torch.rand(k // gs, n, generator=gen) * 0.02 + 0.002
-        gidx = torch.arange(k) // gs
-        return ({"qweight": to_i32(ref_pack_awq(codes.numpy())), "qzeros": to_i32(ref_pack_awq(zeros.numpy())),
-                 "scales": scales}, ((codes - zeros[gidx]) * scales[gidx]).t())
-
-    tensors, weights = handmade(base, layer, 13)
-    write_fixture(tmp_path / "awq", tensors, {"quant_method": "awq", "w_bit": 4, "q_group_size": gs,
-                                               "zero_point": True, "version": "GEMM"}, base)
-    check_handmade(tmp_path / "awq", base, weights)
-
-
-def ct_config(fmt: str, bits: int, sym: bool, group_size: int | None, acts: dict | None = None) -> dict:
-    """config.json's quantization_config as llm-compressor writes it (one group on all Linear)."""
-    w = {"num_bits": bits, "type": "int", "symmetric": sym, "dynamic": False,
-         "strategy": "group" if group_size else "channel", "group_size": group_size}
-    return {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": w, "input_activations": acts}},
-            "ignore": ["lm_head"]}
-
-
-def test_load_handmade_compressed_tensors_pack_quantized_asym(tmp_path):
-    """W4A16 asym: signed codes + 8 packed along K, zero points packed along N."""
-    base, gs = tiny_model(), 32
-
-    def layer(k, n, gen):
-        q = torch.randint(-8, 8, (n, k), generator=gen)                          # signed codes
-        zp = torch.randint(-8, 8, (n, k // gs), generator=gen)
-        scale = torch.rand(n, k // gs, generator=gen) * 0.02 + 0.002
-        gidx = torch.arange(k) // gs
-        return ({"weight_packed": to_i32(ref_pack_bitstream_rows((q + 8).numpy(), 4)), "weight_scale": scale,
-                 "weight_zero_point": to_i32(ref_pack_bitstream_rows((zp + 8).numpy().T, 4)).t(),
-                 "weight_shape": torch.tensor([n, k])}, (q - zp[:, gidx]) * scale[:, gidx])
-
-    tensors, weights = handmade(base, layer, 14)
-    write_fixture(tmp_path / "ct", tensors, ct_config("pack-quantized", 4, False, gs), base)
-    check_handmade(tmp_path / "ct", base, weights)
-
-
-def test_load_handmade_compressed_tensors_w8a8(tmp_path):
-    """W8A8 int-quantized: int8 weights, per-channel scales, per-token dynamic int8 activations."""
-    base = tiny_model()
-
-    def layer(k, n, gen):
-        q = torch.randint(-128, 128, (n, k), generator=gen).to(torch.int8)
-        scale = torch.rand(n, 1, generator=gen) * 1e-3 + 1e-4
-        return {"weight": q, "weight_scale": scale}, q.float() * scale
-
-    tensors, weights = handmade(base, layer, 15)
-    acts = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token"}
-    write_fixture(tmp_path / "w8a8", tensors, ct_config("int-quantized", 8, True, None, acts), base)
-    loaded = ptqkit.load(tmp_path / "w8a8")
-    for name, w in weights.items():
-        m = loaded.get_submodule(name)
-        assert isinstance(m, QuantLinearW8A8) and m.input_scale is None, name
-        assert torch.equal(m.qweight, tensors[f"{name}.weight"]) and torch.equal(m.dequantize(), w), name
-    # one layer against a direct computation: per-token int8 activations, int32 accumulate, scales
-    name = "model.layers.0.self_attn.q_proj"
-    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
-    xs = x.abs().amax(-1, keepdim=True) / 127
-    xq = torch.round(x / xs).clamp(-127, 127)
-    y = (xq.double() @ tensors[f"{name}.weight"].double().t()).float() * xs * tensors[f"{name}.weight_scale"][:, 0]
-    torch.testing.assert_close(loaded.get_submodule(name)(x), y, rtol=1e-5, atol=1e-6)
-
-
-# ----------------------------------------------------------------------------- files, sharding, atomicity
-def byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tk)
-
-
-@pytest.mark.parametrize("fmt", ["native", "gptq", "awq", "compressed-tensors"])
-def test_sharded_with_index_tokenizer_and_report(tmp_path, fmt):
-    model = quantize_randomly(tiny_model(), bits=4, group_size=32, sym=True)
-    model.generation_config.max_new_tokens = 17
-    tok = byte_tokenizer()
-    report = {"ppl_fp": 10.0, "ppl_q": 10.5, "kl": 0.01}
-    path = ptqkit.save(model, tmp_path / fmt, format=fmt, tokenizer=tok, report=report, max_shard_size="20KB")
-    index = json.loads((path / common.INDEX_FILE).read_text())
-    shards = sorted(set(index["weight_map"].values()))
-    assert len(shards) > 2 and not (path / common.SAFE_FILE).exists()
-    for s in shards:
-        assert (path / s).stat().st_size <= 20_000 + 40_000   # one tensor may exceed the limit alone
-    from safetensors import safe_open
-
-    for s in shards:  # the index names exactly the tensors of each shard
-        with safe_open(str(path / s), "pt") as f:
-            assert set(f.keys()) == {k for k, v in index["weight_map"].items() if v == s}
-    rep = json.loads((path / common.REPORT_FILE).read_text())
-    assert rep["format"] == fmt and rep["metrics"] == report
-    assert rep["recipe"] == [{"method": "random"}] and rep["calibration_fingerprint"] == "abc123"
-    from transformers import AutoTokenizer, GenerationConfig
-
-    assert AutoTokenizer.from_pretrained(path)("abc")["input_ids"] == tok("abc")["input_ids"]
-    assert GenerationConfig.from_pretrained(path).max_new_tokens == 17
-    loaded = ptqkit.load(path)
-    assert loaded.ptqkit_info["calibration_fingerprint"] == "abc123"
-    assert torch.equal(logits(loaded), logits(model))
-
-
-def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    model = quantize_randomly(tiny_model(), bits=4, group_size=32, sym=True)
-    path = ptqkit.save(model, tmp_path / "ck", format="gptq")
-    before = {p.name: p.read_bytes() for p in path.iterdir()}
-
-    def boom(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(gptq_fmt, "save_tensors", boom)
-    with pytest.raises(OSError, match="disk full"):
-        ptqkit.save(quantize_randomly(tiny_model(), bits=4, group_size=64, sym=True), path, format="gptq")
-    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
-    assert [p.name for p in tmp_path.iterdir()] == ["ck"]                  # no temporary directory left
-    assert torch.equal(logits(ptqkit.load(path)), logits(model))
-
-
-def test_parse_size_and_plan_shards():
-    assert common.parse_size("5GB") == 5 * 10**9 and common.parse_size("2MiB") == 2 * 2**20
-    assert common.parse_size(1234) == 1234
-    with pytest.raises(ValueError, match="not a size"):
-        common.parse_size("big")
-    assert common.plan_shards({"a": 6, "b": 5, "c": 20, "d": 1}, 10) == [["a"], ["b"], ["c"], ["d"]]
-    assert common.plan_shards({"a": 3, "b": 3, "c": 3, "d": 3}, 10) == [["a", "b", "c"], ["d"]]
-
-
-# ----------------------------------------------------------------------------- other tools read ptqkit's files
-def test_transformers_loads_compressed_tensors_tiny(tmp_path):
-    """Plain transformers (compressed-tensors installed) decompresses ptqkit's pack-quantized file."""
-    model = quantize_randomly(tiny_model(), bits=4, group_size=32, sym=True, bias=False)
-    path = ptqkit.save(model, tmp_path / "ct", format="compressed-tensors", max_shard_size="30KB")
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    torch.testing.assert_close(logits(hf), logits(model), rtol=1e-5, atol=1e-5)
-
-
-GPTQ_BACKEND = bool(importlib.util.find_spec("gptqmodel") and importlib.util.find_spec("optimum"))
-GPTQ_HF_CASES = [
-    ("gptq", dict(bits=4, group_size=32, sym=True)),
-    ("gptq", dict(bits=4, group_size=32, sym=False, act_order=True, zero_min=1)),
-    ("gptq", dict(bits=3, group_size=32, sym=False, zero_min=1)),
-    ("gptq_v2", dict(bits=8, group_size=-1, sym=False)),
-]
-
-
-@pytest.mark.skipif(not GPTQ_BACKEND, reason="transformers' GPTQ path needs gptqmodel + optimum; gptqmodel 7.7 "
-                    "pulls torch 2.14, 7.6 pins numpy 2.2.6: install it in a separate venv "
-                    "(python -m venv --system-site-packages; pip install gptqmodel==7.6.0 optimum torch==2.13.0)")
-@pytest.mark.parametrize("version,q", GPTQ_HF_CASES,
-                         ids=[f"{v}-{q['bits']}b-g{q['group_size']}{'-actorder' if q.get('act_order') else ''}"
-                              for v, q in GPTQ_HF_CASES])
-def test_transformers_loads_gptq_tiny(tmp_path, version, q):
-    """transformers' own GPTQ path (GPTQModel's CPU kernel) reads ptqkit's GPTQ file: its dequantized
-    weights are ptqkit's (to fp16 rounding: GPTQModel computes in fp16) and the logits agree."""
-    model = quantize_randomly(tiny_model(), **q)
-    path = ptqkit.save(model, tmp_path / "gptq", format="gptq", checkpoint_format=version, dtype=torch.float16)
-    ours = formats.load(path, dtype=torch.float32)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu").eval()
-    for name, m in common.quant_layers(ours).items():
-        w = hf.get_submodule(name).dequantize_weight().float().t()            # [K, N] -> [N, K]
-        torch.testing.assert_close(w, m.dequantize(), rtol=2e-3, atol=1e-5, msg=name)
-    torch.testing.assert_close(logits(hf), logits(ours), rtol=2e-2, atol=2e-2)
-
-
-@pytest.mark.skipif(not GPTQ_BACKEND, reason="transformers' AWQ path needs gptqmodel (see the GPTQ test above)")
-@pytest.mark.parametrize("sym", [True, False])
-def test_transformers_loads_awq_tiny(tmp_path, sym):
-    """transformers' own AWQ path (GPTQModel) reads ptqkit's AWQ GEMM file: its unpacked weights are
-    ptqkit's (fp16 rounding), logits agree to its bf16 CPU kernel's precision."""
-    model = quantize_randomly(tiny_model(), bits=4, group_size=32, sym=sym)
-    path = ptqkit.save(model, tmp_path / "awq", format="awq", dtype=torch.float16)
-    ours = formats.load(path, dtype=torch.float32)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu").eval()
-    for name, m in common.quant_layers(ours).items():  # before any forward repacks them for the CPU kernel
-        w = hf.get_submodule(name).awq_weight_dequantize(device="cpu", dtype=torch.float32).t()   # [N, K]
-        torch.testing.assert_close(w, m.dequantize(), rtol=2e-3, atol=1e-5, msg=name)
-    torch.testing.assert_close(logits(hf), logits(ours), rtol=5e-2, atol=3e-2)
-
-
-# ----------------------------------------------------------------------------- the real model
-def smol_ids(tok) -> torch.Tensor:
-    text = ("The committee met on Tuesday to discuss the budget for the coming year. After a long debate, "
-            "the members agreed to fund the new library and to repair the old bridge over the river.")
-    return tok(text, return_tensors="pt")["input_ids"][:, :48]
-
-
-@pytest.mark.model
-@pytest.mark.slow
-def test_smollm2_w4_every_format_and_transformers(tmp_path, smollm2):
-    """SmolLM2-135M, RTN W4 g64 sym (576 and 1536 are multiples of 64; data-free): every format gives
-    back identical integer codes and identical logits on a 37-token prompt, and plain transformers
-    (compressed-tensors installed) loads the compressed-tensors checkpoint with ptqkit's exact
-    weights and logits equal to fp tolerance."""
-    model, tok = smollm2
-    q = ptqkit.quantize(model, "rtn", tokenizer=tok, bits=4, group_size=64, sym=True)
-    ids = smol_ids(tok)
-    ref = logits(q, ids)
-    for fmt in ("native", "gptq", "awq", "compressed-tensors"):
-        loaded = ptqkit.load(ptqkit.save(q, tmp_path / fmt, format=fmt, tokenizer=tok))
-        assert len(common.quant_layers(loaded)) == 30 * 7, fmt
-        assert_same_layers(q, loaded)
-        assert torch.equal(logits(loaded, ids), ref), fmt
-        del loaded
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "compressed-tensors", dtype=torch.float32).eval()
-    torch.testing.assert_close(logits(hf, ids), ref, rtol=1e-4, atol=1e-4)
-    for name, m in common.quant_layers(q).items():   # decompressed by the first forward
-        assert torch.equal(hf.get_submodule(name).weight.data, m.dequantize()), name
-
-
-@pytest.mark.model
-def test_smollm2_w8a8_compressed_tensors_in_transformers(tmp_path, smollm2):
-    """W8A8 (RTN int8 weights, per-token dynamic int8 activations): ptqkit reloads it bit-exactly and
-    transformers gets ptqkit's exact int8 weights. Activations are quantized by each side's own
-    per-token convention (ptqkit amax/127 clamp ±127, compressed-tensors amax/127.5 clamp
-    [-128, 127]), so the two are equally far from fp (measured: KL 0.044 vs 0.050 nats/token),
-    not bitwise equal."""
-    model, tok = smollm2
-    ids = smol_ids(tok)
-    fp = logits(model, ids)
-    q = ptqkit.quantize(model, "rtn", tokenizer=tok, bits=8, group_size=-1, sym=True, activations="dynamic")
-    path = ptqkit.save(q, tmp_path / "w8a8", format="compressed-tensors")
-    loaded = ptqkit.load(path)
-    assert_same_layers(q, loaded)
-    ref = logits(q, ids)
-    assert torch.equal(logits(loaded, ids), ref)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    out = logits(hf, ids)
-    for name, m in common.quant_layers(q).items():   # decompressed by the first forward
-        assert torch.equal(hf.get_submodule(name).weight.data, m.dequantize()), name
-
-    def kl(p: torch.Tensor, r: torch.Tensor) -> float:  # mean KL(p || r) per token
-        v = p.shape[-1]
-        return torch.nn.functional.kl_div(r.reshape(-1, v).log_softmax(-1), p.reshape(-1, v).log_softmax(-1),
-                                          log_target=True, reduction="batchmean").item()
-
-    kl_ptqkit, kl_hf = kl(fp, ref), kl(fp, out)
-    assert kl_hf < 1.5 * kl_ptqkit + 0.01 and kl_ptqkit < 1.5 * kl_hf + 0.01, (kl_ptqkit, kl_hf)

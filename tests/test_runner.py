@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import ptqkit
-from ptqkit.algorithms.base import Quantizer, QuantizerConfig
+from ptqkit.algorithms.base import QuantizerConfig, Transform
 from ptqkit.algorithms.rtn import RTN, RTNConfig
 from ptqkit.calibration.data import CalibrationSet
 from ptqkit.calibration.runner import run
@@ -209,3 +209,39 @@ def test_nan_weight_names_the_layer(tiny_llama):
 def test_w8a8_requires_8bit_per_channel():
     with pytest.raises(ValueError, match="W8A8"):
         RTNConfig(bits=4, activations="dynamic")
+
+
+class _Recorder(Transform):
+    """A do-nothing transform that records the hidden states each block receives."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.block_inputs: dict[int, torch.Tensor] = {}
+
+    def apply(self, block, ctx) -> None:
+        self.block_inputs[ctx.index] = torch.cat([x.detach().clone() for x in ctx.inputs])
+
+
+@pytest.mark.parametrize("pipeline", ["fp-outputs", "sequential"])
+def test_fp_outputs_pipeline_propagates_fp_block_outputs(tiny_llama, pipeline):
+    """fp-outputs: block i receives the fp model's hidden state i (AutoAWQ's order) and the linears
+    are still quantized (data-free RTN, same codes); sequential: block i > 0 receives quantized ones."""
+    rec = _Recorder()
+    calib, fp = calib_set(n=6), copy.deepcopy(tiny_llama)
+    run(tiny_llama, calib, [rec, RTN(RTNConfig(bits=3, group_size=32))], batch_size=3, pipeline=pipeline)
+    with torch.no_grad():
+        hidden = fp(calib.ids, output_hidden_states=True).hidden_states      # [layers + 1] x [N, L, H]
+    for i in range(len(fp.model.layers)):
+        same = torch.allclose(rec.block_inputs[i], hidden[i], rtol=1e-5, atol=1e-5)
+        assert same if (pipeline == "fp-outputs" or i == 0) else not same, i
+    ref = ptqkit.quantize(copy.deepcopy(fp), "rtn", bits=3, group_size=32)
+    for n in LINEARS:
+        a, b = tiny_llama.model.layers[1].get_submodule(n), ref.model.layers[1].get_submodule(n)
+        assert isinstance(a, QuantLinear) and torch.equal(a.qweight, b.qweight)
+
+
+def test_fp_outputs_pipeline_refuses_a_data_driven_quantizer(tiny_llama):
+    with pytest.raises(ValueError, match="data-free quantizer"):
+        ptqkit.quantize(tiny_llama, ["awq", "gptq"], calibration=calib_set(n=4).ids, pipeline="fp-outputs")

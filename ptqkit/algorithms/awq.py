@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from .. import distributed
 from ..models import Mapping
+from ..nested import block_output, slice_batch, to_device
 from ..registry import register
 from . import awq_math as am
 from .base import Transform
@@ -171,33 +173,6 @@ class _Fold:
 
 class _Stop(Exception):
     """Ends a capture forward once every module of interest has been reached."""
-
-
-def slice_batch(obj: Any, take: int, batch: int) -> Any:
-    """The first ``take`` sequences of tensors whose leading dimension is the batch size."""
-    if isinstance(obj, torch.Tensor):
-        return obj[:take] if obj.dim() > 0 and obj.shape[0] == batch else obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(slice_batch(o, take, batch) for o in obj)
-    if isinstance(obj, dict):
-        return {k: slice_batch(v, take, batch) for k, v in obj.items()}
-    return obj
-
-
-def to_device(obj: Any, device: torch.device | str) -> Any:
-    """Tensors nested in tuples/lists/dicts moved to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(to_device(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj
-
-
-def block_output(out: Any) -> torch.Tensor:
-    """The hidden states of a module that may return a tuple (attention: ``(out, weights)``)."""
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _is_norm(m: nn.Module) -> bool:
@@ -369,7 +344,7 @@ class AWQ(Transform):
             return fn
 
         handles = [block.get_submodule(n).register_forward_pre_hook(hook(n), with_kwargs=True) for n in names]
-        left = self.config.search_samples
+        left = -(-self.config.search_samples // distributed.world_size())  # each rank its share
         n = len(ctx.inputs)
         need = min(n, -(-left // ctx.inputs[0].shape[0]))
         try:
@@ -417,11 +392,12 @@ class AWQ(Transform):
                     for (a, kw), r in zip(calls, ref):
                         d = (block_output(mod(*a, **kw)).float() - r).pow(2).sum(-1)   # [b, L]
                         err += float(d.sum() if token_weight is None else (d[0] * token_weight).sum())
-                    losses[c] = err / norm
+                    losses[c] = err
             finally:
                 for lin, w in zip(lins, orig):
                     lin.weight.copy_(w)
-        return losses
+        # data-parallel hook: every rank's errors and normalizer summed before the argmin
+        return distributed.all_reduce_(losses) / distributed.all_reduce_float(norm)
 
     def _search(self, block: nn.Module, fold: _Fold, ctx: Any, captured: dict[str, list[tuple]]) -> dict[str, Any]:
         cfg = self.config
@@ -438,7 +414,7 @@ class AWQ(Transform):
         if fold.inspect is None:
             losses = am.scale_losses([lin.weight.detach() for lin in lins], cands, st.sigma, self._quant(ctx, k))
         elif fold.tokenwise:
-            rows, c = st.sample(cfg.search_tokens)
+            rows, c = st.sample(-(-cfg.search_tokens // distributed.world_size()))  # each rank its share
             x = rows[None].to(lins[0].weight.dtype)                                   # [T, K] -> [1, T, K]
             losses = self._module_losses(block, fold, cands, ctx, [((x,), {})], c)
         else:
@@ -486,6 +462,29 @@ class AWQ(Transform):
             out[rel] = float(p.mean())
         return out
 
+    def _all_reduce(self, ctx: Any) -> None:
+        """Data-parallel hook: mean |x| and Gram sums with their token counts summed over ranks, one
+        linear input at a time in the order of ``ctx.linears`` (the same on every rank). The
+        sampled rows stay local: their losses are summed in ``_module_losses``."""
+        if not distributed.is_distributed():
+            return
+        done = set()
+        for rel, lin in ctx.linears.items():
+            full = f"{ctx.prefix}.{rel}"
+            key = self._alias.get(full, full)
+            if key in done:
+                continue
+            done.add(key)
+            st = self._inputs.setdefault(key, _Inputs())
+            k, dev = lin.in_features, lin.weight.device
+            counts = distributed.all_reduce_(torch.tensor([float(st.count), float(st.gram_count)], dtype=torch.float64))
+            st.abs_sum = distributed.all_reduce_(
+                torch.zeros(k, dtype=torch.float64, device=dev) if st.abs_sum is None else st.abs_sum)
+            st.gram = distributed.all_reduce_(torch.zeros(k, k, device=dev) if st.gram is None else st.gram)
+            st.count, st.gram_count = int(counts[0]), int(counts[1])
+            if st.count == 0:
+                del self._inputs[key]
+
     # ------------------------------------------------------------------ apply
     def apply(self, block: nn.Module, ctx: Any) -> None:
         """Scale search and folding for every mapping of the block, then the clip search."""
@@ -496,6 +495,7 @@ class AWQ(Transform):
                                  f"{type(ctx.qargs).__name__} has no {attr!r}/group_size")
         info: dict[str, Any] = {"mappings": [], "observe_s": self._observe_s}
         try:
+            self._all_reduce(ctx)
             if self.config.scale_search:
                 folds = self._mappings(block, ctx)
                 mixing = sorted({f.inspect for f in folds if f.inspect is not None and not f.tokenwise})

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from .. import distributed
 from ..layers import QuantLinear, QuantLinearW8A8
 from ..quant import QuantArgs
 
@@ -117,6 +118,11 @@ class Quantizer(Algorithm):
         if module.bias is not None:
             layer.bias.copy_(module.bias.detach())
         if layer.input_scale is not None:
+            if distributed.is_distributed():  # data-parallel hook: the max over every rank's tokens
+                amax = distributed.all_reduce_(self._amax.get(name, torch.full((), -1.0)).clone(), "max")
+                self._amax.pop(name, None)
+                if amax >= 0:
+                    self._amax[name] = amax
             if name not in self._amax:
                 raise RuntimeError(f"static activation scale for {name}: no calibration input reached this layer")
             layer.input_scale.fill_(float(self._amax.pop(name).clamp(min=1e-8)) / 127.0)

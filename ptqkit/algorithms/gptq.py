@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import distributed
 from ..quant import quantize_weight
 from ..registry import register
 from .base import Quantizer, QuantizerConfig, check_weight
@@ -114,6 +115,20 @@ class _GramCache:
         return gram, n
 
 
+def _all_reduce_hessian(entry: tuple[torch.Tensor, int] | None, k: int,
+                        device: torch.device) -> tuple[torch.Tensor, int] | None:
+    """Data-parallel hook: every rank's ``(H, n)`` becomes the Hessian of all ranks' tokens,
+    ``Σ n·H / Σ n`` (fp32), so all ranks quantize identically. Unchanged in a single process."""
+    if not distributed.is_distributed():
+        return entry
+    hessian, count = entry if entry is not None else (torch.zeros(k, k, device=device), 0)
+    total = int(distributed.all_reduce_float(count))
+    if total == 0:
+        return None
+    distributed.all_reduce_(hessian.mul_(count))
+    return hessian.div_(total), total
+
+
 @register("gptq")
 class GPTQ(Quantizer):
     """GPTQ quantizer: per-linear input Hessians, then the inverse-Cholesky column loop."""
@@ -152,7 +167,7 @@ class GPTQ(Quantizer):
         t0 = time.perf_counter()
         w = module.weight.detach()
         check_weight(name, w)
-        entry = self._hessians.pop(name, None)
+        entry = _all_reduce_hessian(self._hessians.pop(name, None), module.in_features, w.device)
         if entry is None:
             log.warning("%s: no calibration input reached this layer; falling back to round-to-nearest", name)
             codes, scales, zeros = quantize_weight(w, cfg)

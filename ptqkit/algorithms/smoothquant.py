@@ -34,6 +34,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
+from .. import distributed
 from ..layers import QuantLinear, QuantLinearW8A8
 from ..models import Mapping, architecture, find_blocks, find_linears, set_submodule
 from ..quant import QuantArgs, quantize_weight
@@ -232,8 +233,22 @@ class SmoothQuant(Transform):
         kind = "linear" if isinstance(prev, nn.Linear) else "norm"
         return _Group(m.prev, prev, kind, tuple(m.linears), linears, quantized, act_max, w_max)
 
+    def _all_reduce(self, ctx: Any) -> None:
+        """Data-parallel hook: per-channel maxima over every rank's tokens (MAX), in the order of
+        ``ctx.linears`` (the same on every rank); -1 marks a linear this rank never saw."""
+        if not distributed.is_distributed():
+            return
+        for n, lin in ctx.linears.items():
+            key = f"{ctx.prefix}.{n}"
+            m = self._act_max.pop(key, None)
+            m = distributed.all_reduce_(torch.full((lin.in_features,), -1.0, device=lin.weight.device) if m is None
+                                       else m.clone(), "max")
+            if bool((m >= 0).all()):
+                self._act_max[key] = m
+
     @torch.no_grad()
     def apply(self, block: nn.Module, ctx: Any) -> None:
+        self._all_reduce(ctx)
         groups = self._groups(block, ctx)
         alphas = {"norm": self.config.alpha, "linear": self.config.linear_alpha}
         if "auto" in alphas.values():
@@ -267,8 +282,9 @@ class SmoothQuant(Transform):
         """Grid search of the ``"auto"`` strengths for the block, one kind after the other
         (norm, then linear; an auto strength not yet searched is held at 0.5)."""
         batches, seen = [], 0
+        budget = -(-self.config.alpha_samples // distributed.world_size())  # every rank scores its share
         for i, h in enumerate(ctx.inputs):
-            if seen >= self.config.alpha_samples:
+            if seen >= budget:
                 break
             batches.append(i)
             seen += h.shape[0]
@@ -306,7 +322,8 @@ class SmoothQuant(Transform):
             for p, orig in saved:
                 p.copy_(orig)
         err = sum(((o.float() - r.float()) ** 2).sum().item() for o, r in zip(out, ref))
-        return err / sum(r.numel() for r in ref)
+        # data-parallel hook: error and element count summed over ranks before the argmin
+        return distributed.all_reduce_float(err) / distributed.all_reduce_float(sum(r.numel() for r in ref))
 
 
 def _submodule(block: nn.Module, name: str, ctx: Any) -> nn.Module:

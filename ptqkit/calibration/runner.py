@@ -13,9 +13,14 @@ For each decoder block, one at a time on the execution device:
    hold the block's intermediate activations meanwhile. ``pipeline="two-pass"`` is the classic,
    lower-memory alternative: observe all linears with fp weights, quantize, then re-run.
 3. the outputs become the next block's inputs.
+
+Under torchrun (``WORLD_SIZE > 1``) each rank runs this pipeline on its contiguous shard of the
+calibration samples; the algorithms all-reduce their statistics before every decision
+(:mod:`ptqkit.distributed`), so all ranks quantize identically while each propagates its own shard.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -26,29 +31,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..algorithms.base import Algorithm, Quantizer, Transform
 from ..layers import QuantLinear
+from ..nested import block_output, to_device
 from ..models import Architecture, architecture, find_blocks, find_linears, set_submodule
 from .data import CalibrationSet
 
 log = logging.getLogger(__name__)
 
-PIPELINES = ("sequential", "two-pass")
-
-
-def to_device(obj: Any, device: torch.device | str) -> Any:
-    """Move tensors nested in tuples/lists/dicts to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(to_device(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj
-
-
-def block_output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
+PIPELINES = ("sequential", "two-pass", "fp-outputs")
 
 
 @dataclass
@@ -98,14 +90,19 @@ def capture_inputs(
     """Inputs and keyword arguments of the first decoder block for every calibration batch.
 
     The blocks are swapped for a catcher, the rest of the model (embeddings, rotary) moves to
-    ``device`` for the capture and back afterwards.
+    ``device`` for the capture and back afterwards; the output head, which the capture never
+    reaches, stays where it is.
     """
     parent_name, _, attr = blocks_path.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     blocks = getattr(parent, attr)
     catcher = _Catcher()
-    setattr(parent, attr, nn.ModuleList([catcher]))
     home = next(model.parameters()).device
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_name = next((n for n, m in model.named_modules() if head is not None and m is head), None)
+    setattr(parent, attr, nn.ModuleList([catcher]))
+    if head_name:
+        set_submodule(model, head_name, nn.Identity())
     try:
         model.to(device)
         for ids in calib.ids.split(batch_size):
@@ -114,8 +111,10 @@ def capture_inputs(
             except _Caught:
                 pass
     finally:
-        setattr(parent, attr, blocks)
         model.to(home)
+        setattr(parent, attr, blocks)
+        if head_name:
+            set_submodule(model, head_name, head)
     if len(catcher.args) != -(-len(calib.ids) // batch_size):
         raise RuntimeError("the model never called its first decoder block: cannot capture calibration inputs")
     return [h.to(store) for h, _ in catcher.args], [to_device(kw, store) for _, kw in catcher.args]
@@ -219,14 +218,16 @@ class _Wrapped(nn.Module):
 
 
 def _observe_pass(step: Transform, block: nn.Module, prefix: str, linears: dict[str, nn.Linear],
-                  ctx: BlockContext) -> None:
+                  ctx: BlockContext) -> list[torch.Tensor]:
+    """Feed every calibration batch through ``block`` with ``step`` observing its linears; the block's
+    (fp) outputs per batch are returned."""
     def hook(name: str) -> Callable:
         return lambda mod, args, out: step.observe(prefix + name, mod, args[0], out)
 
     handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
     try:
         with torch.no_grad():
-            ctx.forward(block)
+            return ctx.forward(block)
     finally:
         for h in handles:
             h.remove()
@@ -248,9 +249,11 @@ def _quantize_pass(q: Quantizer, block: nn.Module, prefix: str, linears: dict[st
     try:
         outs = seq.run(fwd, n)
         if pipeline == "two-pass":
+            outs = None  # the observe pass's fp outputs are not needed: free them before the output pass
             for w in wrapped.values():
                 w.quantize()
-            outs = [fwd(i) for i in range(n)]
+            with torch.no_grad():  # no autograd graph: it would keep every batch's activations alive
+                outs = [fwd(i) for i in range(n)]
         for w in wrapped.values():  # linears no batch reached (e.g. unrouted experts): data-free
             if not w.done:
                 log.warning("%s saw no calibration input; quantized without statistics", w.name)
@@ -290,6 +293,11 @@ def run(
     *transforms, quantizer = steps
     if not isinstance(quantizer, Quantizer) or not all(isinstance(t, Transform) for t in transforms):
         raise ValueError("a recipe is transforms followed by exactly one quantizer")
+    if pipeline == "fp-outputs" and (quantizer.needs_data or not transforms):
+        raise ValueError(
+            f"pipeline='fp-outputs' propagates the fp outputs of a transform's observe pass and needs a "
+            f"data-free quantizer after it (AWQ or SmoothQuant then RTN); {[s.name for s in steps]} is not: "
+            "use pipeline='sequential'")
     if not getattr(quantizer.config, "true_sequential", True):
         pipeline = "two-pass"  # every linear observed with fp predecessors, as in GPTQ without true-sequential
     home = next(model.parameters()).device
@@ -303,6 +311,13 @@ def run(
     if calib is None:
         raise ValueError(f"{[s.name for s in steps]} need calibration data: pass calibration=...")
 
+    if distributed.init_from_env(device):  # torchrun: this rank calibrates on its contiguous shard
+        device = distributed.local_device(device)
+        calib = dataclasses.replace(calib, ids=calib.ids[distributed.shard(len(calib.ids))])
+        info["distributed"] = {"world_size": distributed.world_size(), "rank": distributed.rank(),
+                               "samples_per_rank": distributed.all_gather_int(len(calib.ids))}
+        log.info("rank %d calibrates on %d of %d samples", distributed.rank(), len(calib.ids),
+                 sum(info["distributed"]["samples_per_rank"]))
     path, blocks = find_blocks(model)
     arch = architecture(model)
     store = torch.device("cpu") if offload_activations else device
@@ -315,12 +330,21 @@ def run(
         block.to(device)
         linears = find_linears(block, ignore, prefix)
         ctx = BlockContext(i, prefix[:-1], linears, inputs, kwargs, device, arch, quantizer.config)
+        fp_outs = None
         for t in transforms:
-            _observe_pass(t, block, prefix, linears, ctx)
+            fp_outs = _observe_pass(t, block, prefix, linears, ctx)
             t.apply(block, ctx)
             linears = find_linears(block, ignore, prefix)  # a transform may have replaced modules
             ctx.linears = linears
-        inputs = _quantize_pass(quantizer, block, prefix, linears, ctx, pipeline)
+        if fp_outs is not None and pipeline == "fp-outputs":
+            # AutoAWQ's order: the next block gets this block's fp outputs (exact under scaling),
+            # and a data-free quantizer needs no forward pass of its own
+            for name, m in linears.items():
+                set_submodule(block, name, quantizer.quantize(prefix + name, m))
+            inputs = [o.to(x.device) for o, x in zip(fp_outs, inputs)]
+        else:
+            inputs = _quantize_pass(quantizer, block, prefix, linears, ctx, pipeline)
+        del fp_outs
         block.to(home)
         info["blocks"].append({"index": i, "seconds": time.perf_counter() - tb})
         log.debug("block %d done in %.2fs", i, info["blocks"][-1]["seconds"])

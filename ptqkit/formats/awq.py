@@ -23,25 +23,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers import QuantLinear, QuantLinearW8A8
-from ..models import set_submodule
+from ..layers import QuantLinear
+from ..packing import pack, unpack
 from .common import (
     DEFAULT_SHARD_SIZE,
-    atomic_write,
-    divisors_hint,
-    empty_model,
+    add_layer_tensors,
     finish_load,
     float_tensors,
+    has_quant_method,
     layer_bits_error,
-    load_tensors,
     new_quant_linear,
-    pack_rows,
-    quant_layers,
+    put_layer,
     quantization_config,
     read_info,
-    save_tensors,
-    unpack_rows,
-    write_model_files,
+    refuse_grouped_act_order,
+    refuse_ragged_groups,
+    refuse_w8a8,
+    require_quant_layers,
+    start_load,
+    take_layer,
+    write_checkpoint,
 )
 from .gptq import skipped_block_linears
 
@@ -73,7 +74,7 @@ def awq_unpack(packed: torch.Tensor) -> torch.Tensor:
 
 def to_awq(layer: QuantLinear) -> dict[str, torch.Tensor]:
     """A 4-bit QuantLinear (no act-order, or a single group) as AWQ GEMM tensors."""
-    codes = unpack_rows(layer.qweight, BITS, layer.in_features)             # [K, N] stored order
+    codes = unpack(layer.qweight, BITS, layer.in_features)             # [K, N] stored order
     if layer.perm is not None:                                              # one group: unpermute rows
         orig = torch.empty_like(codes)
         orig[layer.perm.long()] = codes
@@ -96,33 +97,25 @@ def from_awq(t: dict[str, torch.Tensor], group_size: int, name: str, dtype: torc
         zeros = awq_unpack(t["qzeros"])                          # [G, N]
     else:                                                        # zero_point: false -> symmetric around 8
         zeros = torch.full((g, n), 2 ** (BITS - 1), dtype=torch.uint8)
-    return new_quant_linear(pack_rows(codes, BITS), t["scales"], zeros, BITS, group_size, k, bias=t.get("bias"),
+    return new_quant_linear(pack(codes, BITS), t["scales"], zeros, BITS, group_size, k, bias=t.get("bias"),
                             dtype=dtype)
 
 
 # ---------------------------------------------------------------- save
 def check_layer(name: str, m: nn.Module, group_size: int) -> None:
     """Refuse (naming the layer and what would work) what an AWQ GEMM checkpoint cannot hold."""
-    if isinstance(m, QuantLinearW8A8):
-        raise layer_bits_error("awq", name, "it is a W8A8 layer (int8 activations), AWQ is weight-only",
-                               "use format='compressed-tensors' (int-quantized) or 'native'")
+    refuse_w8a8("awq", name, m)
     if m.bits != BITS:
         raise layer_bits_error("awq", name, f"{m.bits}-bit weights (AWQ GEMM holds 4-bit only)",
                                "quantize with bits=4, or use format='gptq' or 'compressed-tensors'")
     if m.group_size != group_size:
         raise layer_bits_error("awq", name, f"group_size={m.group_size} differs from the first layer's "
                                f"{group_size} (one group size per checkpoint)", "use format='compressed-tensors'")
-    k, n = m.in_features, m.out_features
-    if m.group_size != -1 and k % m.group_size:
-        raise layer_bits_error("awq", name, f"in_features={k} is not a multiple of group_size={m.group_size} "
-                               "(ragged last group)", f"quantize with {divisors_hint(k)}, or use format='native'")
-    if n % PACK:
-        raise layer_bits_error("awq", name, f"out_features={n} is not a multiple of 8 (AWQ packs 8 columns a word)",
-                               "use format='gptq' or 'native'")
-    if m.perm is not None and m.group_len < k:
-        raise layer_bits_error("awq", name, "it was quantized with act-order (grouped columns permuted) and AWQ "
-                               "has no g_idx",
-                               "use format='gptq' (desc_act) or 'native', or quantize without act_order")
+    refuse_ragged_groups("awq", name, m, "ragged last group")
+    if m.out_features % PACK:
+        raise layer_bits_error("awq", name, f"out_features={m.out_features} is not a multiple of 8 (AWQ packs 8 "
+                               "columns a word)", "use format='gptq' or 'native'")
+    refuse_grouped_act_order("awq", name, m, "AWQ has no g_idx")
 
 
 def awq_config(group_size: int, skipped: list[str]) -> dict[str, Any]:
@@ -134,28 +127,22 @@ def save_awq(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, r
              dtype: torch.dtype | None = None, max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
     """Write ``model`` as an AWQ GEMM checkpoint. ``dtype`` (e.g. ``torch.float16``, AWQ's usual)
     casts scales and float weights; the default keeps the model's dtype (exact round trip)."""
-    layers = quant_layers(model)
-    if not layers:
-        raise ValueError("the model has no quantized layers: quantize it first, or save it with format='native'")
+    layers = require_quant_layers(model)
     group_size = getattr(next(iter(layers.values())), "group_size", -1)
     for name, m in layers.items():
         check_layer(name, m, group_size)
     tensors = float_tensors(model, dtype)
     for name, m in layers.items():
-        for key, v in to_awq(m).items():
-            tensors[f"{name}.{key}"] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
-    with atomic_write(path) as tmp:
-        write_model_files(tmp, model, tokenizer, fmt="awq", report=report, dtype=dtype,
-                          quantization_config=awq_config(group_size, skipped_block_linears(model)))
-        save_tensors(tensors, tmp, max_shard_size)
-    log.info("saved %d AWQ GEMM layers (4-bit, group %d) to %s", len(layers), group_size, path)
-    return Path(path).resolve()
+        add_layer_tensors(tensors, name, to_awq(m), dtype)
+    out = write_checkpoint(path, model, tensors, "awq", tokenizer, report, max_shard_size,
+                           awq_config(group_size, skipped_block_linears(model)), dtype)
+    log.info("saved %d AWQ GEMM layers (4-bit, group %d) to %s", len(layers), group_size, out)
+    return out
 
 
 # ---------------------------------------------------------------- load
 def is_awq(path: Path) -> bool:
-    qc = quantization_config(path)
-    return isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "awq"
+    return has_quant_method(path, "awq")
 
 
 def load_awq(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -168,21 +155,12 @@ def load_awq(path: str | os.PathLike, device: str | torch.device = "cpu",
     group_size = int(qc.get("group_size", qc.get("q_group_size", 128)))
     if version != "gemm" or bits != BITS:
         raise ValueError(f"{path}: AWQ version={version!r}, bits={bits}: ptqkit reads version 'gemm' with 4 bits")
-    state = load_tensors(path)
-    model = empty_model(path, dtype, state)
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    names = [k[: -len(".qweight")] for k in state if k.endswith(".qweight")]
-    for name in names:
-        lin = model.get_submodule(name)
-        own = {key: state.pop(f"{name}.{key}") for key in ("qweight", "qzeros", "scales", "bias")
-               if f"{name}.{key}" in state}
+    state, model, dtype = start_load(path, dtype)
+    for name in [k[: -len(".qweight")] for k in state if k.endswith(".qweight")]:
+        own = take_layer(state, name, ("qweight", "qzeros", "scales", "bias"))
         if "scales" not in own:
             raise ValueError(f"{path}: layer {name} has a qweight but no scales")
-        layer = from_awq(own, group_size, name, dtype)
-        if (layer.in_features, layer.out_features) != (lin.in_features, lin.out_features):
-            raise ValueError(f"{path}: layer {name} holds a {layer.in_features}x{layer.out_features} weight, "
-                             f"the model config expects {lin.in_features}x{lin.out_features}")
-        set_submodule(model, name, layer)
+        put_layer(model, name, from_awq(own, group_size, name, dtype), path)
     info = read_info(path) or {"method": "awq"}
     info["source_format"] = {"format": "awq", "version": version, "bits": bits, "group_size": group_size}
     return finish_load(model, state, path, device, info)

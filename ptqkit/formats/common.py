@@ -12,13 +12,13 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from ..layers import QuantLinear, QuantLinearW8A8
-from ..packing import pack, unpack
+from ..models import set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -132,32 +132,7 @@ def load_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{d} holds neither {SAFE_FILE} nor {INDEX_FILE}")
 
 
-# ---------------------------------------------------------------- fast (un)packing
-def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """``ptqkit.packing.pack`` (codes ``[K, N]`` -> int32 ``[ceil(K·bits/32), N]``, a bitstream along K)
-    with a shift-and-or path in int32 when ``bits`` divides 32 (several times faster on big layers)."""
-    if 32 % bits:
-        return pack(codes, bits)
-    per = 32 // bits
-    c = codes.to(torch.int32) & (2**bits - 1)
-    if c.shape[0] % per:
-        c = torch.nn.functional.pad(c, (0, 0, 0, per - c.shape[0] % per))
-    c = c.reshape(-1, per, c.shape[1])                                  # [W, per, N]
-    out = c[:, 0].clone()
-    for i in range(1, per):
-        out |= c[:, i] << (i * bits)                                    # wraps into the sign bit
-    return out
-
-
-def unpack_rows(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
-    """Inverse of :func:`pack_rows`: int32 ``[W, N]`` -> uint8 codes ``[rows, N]``."""
-    if 32 % bits:
-        return unpack(packed, bits, rows)
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
-    out = (packed.unsqueeze(1) >> shifts[None, :, None]) & (2**bits - 1)   # [W, per, N]
-    return out.reshape(-1, packed.shape[1])[:rows].to(torch.uint8)
-
-
+# ---------------------------------------------------------------- building layers
 def new_quant_linear(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
                      in_features: int, bias: torch.Tensor | None = None, perm: torch.Tensor | None = None,
                      dtype: torch.dtype = torch.float32) -> QuantLinear:
@@ -226,9 +201,25 @@ def write_model_files(tmp: Path, model: nn.Module, tokenizer: Any = None, fmt: s
     write_report(tmp, model, fmt, report)
 
 
-def write_report(directory: Path, model: nn.Module, fmt: str, report: Any = None) -> None:
+def write_checkpoint(path: str | os.PathLike, model: nn.Module, tensors: dict[str, torch.Tensor], fmt: str,
+                     tokenizer: Any = None, report: Any = None, max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+                     quantization_config: dict[str, Any] | None = None, dtype: torch.dtype | None = None,
+                     extra: Callable[[Path], None] | None = None) -> Path:
+    """A whole checkpoint in one atomic write: :func:`write_model_files`, then ``extra(tmp)`` (the
+    format's own files), then ``tensors`` (sharded over ``max_shard_size``); returns the final path."""
+    with atomic_write(path) as tmp:
+        write_model_files(tmp, model, tokenizer, fmt=fmt, report=report, quantization_config=quantization_config,
+                          dtype=dtype)
+        if extra is not None:
+            extra(tmp)
+        save_tensors(tensors, tmp, max_shard_size)
+    return Path(path).resolve()
+
+
+def write_report(directory: Path, model: nn.Module, fmt: str | None, report: Any = None) -> None:
     """``ptqkit_report.json``: how the model was quantized (recipe, options, calibration
-    fingerprint, timings) and, when given, the evaluation metrics (a Report or a dict)."""
+    fingerprint, timings) and, when given, the evaluation metrics (a Report or a dict);
+    ``fmt`` is the checkpoint's format (``None``: no checkpoint beside it)."""
     from .. import __version__
 
     info = dict(getattr(model, "ptqkit_info", None) or {})
@@ -316,6 +307,7 @@ def finish_load(model: nn.Module, state: dict[str, torch.Tensor], directory: Pat
     return model.eval().to(device)
 
 
+# ---------------------------------------------------------------- what the formats share on save
 def layer_bits_error(fmt: str, name: str, problem: str, fix: str) -> ValueError:
     """A refusal naming the format, the layer, what is wrong and what would work."""
     return ValueError(f"format {fmt!r} cannot hold layer {name}: {problem}; {fix}")
@@ -324,3 +316,68 @@ def layer_bits_error(fmt: str, name: str, problem: str, fix: str) -> ValueError:
 def divisors_hint(in_features: int, choices: tuple[int, ...] = (32, 64, 128)) -> str:
     ok = [g for g in choices if in_features % g == 0]
     return ", ".join(f"group_size={g}" for g in ok + [-1])
+
+
+def require_quant_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """:func:`quant_layers`, refusing a model that has none."""
+    layers = quant_layers(model)
+    if not layers:
+        raise ValueError("the model has no quantized layers: quantize it first, or save it with format='native'")
+    return layers
+
+
+def refuse_w8a8(fmt: str, name: str, m: nn.Module) -> None:
+    """Weight-only formats cannot hold a W8A8 layer."""
+    if isinstance(m, QuantLinearW8A8):
+        raise layer_bits_error(fmt, name, f"it is a W8A8 layer (int8 activations), {fmt.upper()} is weight-only",
+                               "use format='compressed-tensors' (int-quantized) or 'native'")
+
+
+def refuse_ragged_groups(fmt: str, name: str, m: QuantLinear, why: str, fix: str = "use format='native'") -> None:
+    """Formats whose groups must divide K refuse a ragged last group (``why``: the format's reason)."""
+    k = m.in_features
+    if m.group_size != -1 and k % m.group_size:
+        raise layer_bits_error(fmt, name, f"in_features={k} is not a multiple of group_size={m.group_size} ({why})",
+                               f"quantize with {divisors_hint(k)}, or {fix}")
+
+
+def refuse_grouped_act_order(fmt: str, name: str, m: QuantLinear, why: str) -> None:
+    """Formats without ``g_idx`` cannot hold act-order over several groups."""
+    if m.perm is not None and m.group_len < m.in_features:
+        raise layer_bits_error(fmt, name, f"it was quantized with act-order (grouped columns permuted) and {why}",
+                               "use format='gptq' (desc_act) or 'native', or quantize without act_order")
+
+
+def add_layer_tensors(tensors: dict[str, torch.Tensor], name: str, layer_tensors: dict[str, torch.Tensor],
+                      dtype: torch.dtype | None) -> None:
+    """``tensors[name.key] = value`` for one layer, floating values cast to ``dtype`` when given."""
+    for key, v in layer_tensors.items():
+        tensors[f"{name}.{key}"] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+
+
+# ---------------------------------------------------------------- what the formats share on load
+def has_quant_method(path: Path, method: str) -> bool:
+    """``config.json``'s ``quantization_config.quant_method`` is ``method`` (case-insensitive)."""
+    qc = quantization_config(path)
+    return isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == method
+
+
+def start_load(path: Path, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], nn.Module, torch.dtype]:
+    """The checkpoint's tensors, an empty full-precision model and the dtype it was built in."""
+    state = load_tensors(path)
+    model = empty_model(path, dtype, state)
+    return state, model, next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def take_layer(state: dict[str, torch.Tensor], name: str, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Pop layer ``name``'s tensors named ``keys`` (those present) out of ``state``, prefix removed."""
+    return {key: state.pop(f"{name}.{key}") for key in keys if f"{name}.{key}" in state}
+
+
+def put_layer(model: nn.Module, name: str, layer: nn.Module, path: Path) -> None:
+    """Replace linear ``name`` of ``model`` by ``layer`` after checking that their shapes agree."""
+    lin = model.get_submodule(name)
+    if (layer.in_features, layer.out_features) != (lin.in_features, lin.out_features):
+        raise ValueError(f"{path}: layer {name} holds a {layer.in_features}x{layer.out_features} weight, "
+                         f"the model config expects {lin.in_features}x{lin.out_features}")
+    set_submodule(model, name, layer)

@@ -26,23 +26,23 @@ import torch
 from torch import nn
 
 from ..layers import QuantLinear, QuantLinearW8A8
-from ..models import set_submodule
+from ..packing import pack
 from .common import (
     DEFAULT_SHARD_SIZE,
-    atomic_write,
-    divisors_hint,
-    empty_model,
+    add_layer_tensors,
     finish_load,
     float_tensors,
-    layer_bits_error,
-    load_tensors,
+    has_quant_method,
     new_quant_linear,
-    pack_rows,
-    quant_layers,
+    put_layer,
     quantization_config,
     read_info,
-    save_tensors,
-    write_model_files,
+    refuse_grouped_act_order,
+    refuse_ragged_groups,
+    require_quant_layers,
+    start_load,
+    take_layer,
+    write_checkpoint,
 )
 from .gptq import is_sym, original_order
 
@@ -66,14 +66,8 @@ def layer_scheme(name: str, m: nn.Module) -> tuple[dict[str, Any], str]:
     if g == 1 and (m.group_size == -1 or k % m.group_size):   # one group per row: per channel
         weights["strategy"] = "channel"
     else:
-        if k % m.group_len:
-            raise layer_bits_error("compressed-tensors", name, f"in_features={k} is not a multiple of "
-                                   f"group_size={m.group_size} (compressed-tensors groups must divide K)",
-                                   f"quantize with {divisors_hint(k)}, or use format='native'")
-        if m.perm is not None:
-            raise layer_bits_error("compressed-tensors", name, "it was quantized with act-order over several "
-                                   "groups and compressed-tensors 0.20 has no g_idx",
-                                   "use format='gptq' (desc_act) or 'native', or quantize without act_order")
+        refuse_ragged_groups("compressed-tensors", name, m, "compressed-tensors groups must divide K")
+        refuse_grouped_act_order("compressed-tensors", name, m, "compressed-tensors 0.20 has no g_idx")
         weights.update(strategy="group", group_size=m.group_len)
     return {"weights": weights}, PACKED
 
@@ -113,9 +107,7 @@ def save_compressed_tensors(model: nn.Module, path: str | os.PathLike, tokenizer
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
-    layers = quant_layers(model)
-    if not layers:
-        raise ValueError("the model has no quantized layers: quantize it first, or save it with format='native'")
+    layers = require_quant_layers(model)
     groups: dict[str, tuple[dict[str, Any], str, list[str]]] = {}
     for name, m in layers.items():
         spec, fmt = layer_scheme(name, m)
@@ -128,24 +120,20 @@ def save_compressed_tensors(model: nn.Module, path: str | os.PathLike, tokenizer
         scheme = QuantizationScheme(targets=["Linear"] if single else names, format=fmt, **spec)
         schemes[f"group_{i}"] = scheme
         for name in names:
-            for key, v in compress_layer(layers[name], scheme, fmt).items():
-                tensors[f"{name}.{key}"] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+            add_layer_tensors(tensors, name, compress_layer(layers[name], scheme, fmt), dtype)
     formats = {fmt for _, fmt, _ in groups.values()}
     fmt = formats.pop() if len(formats) == 1 else "mixed-precision"
     qconfig = QuantizationConfig(config_groups=schemes, format=fmt, quantization_status="compressed",
                                  ignore=fp_linears if single else [])
-    with atomic_write(path) as tmp:
-        write_model_files(tmp, model, tokenizer, fmt="compressed-tensors", report=report, dtype=dtype)
-        ModelCompressor(quantization_config=qconfig).update_config(str(tmp))
-        save_tensors(tensors, tmp, max_shard_size)
-    log.info("saved %d layers as compressed-tensors (%s) to %s", len(layers), qconfig.format, path)
-    return Path(path).resolve()
+    out = write_checkpoint(path, model, tensors, "compressed-tensors", tokenizer, report, max_shard_size, dtype=dtype,
+                           extra=lambda tmp: ModelCompressor(quantization_config=qconfig).update_config(str(tmp)))
+    log.info("saved %d layers as compressed-tensors (%s) to %s", len(layers), qconfig.format, out)
+    return out
 
 
 # ---------------------------------------------------------------- load
 def is_compressed_tensors(path: Path) -> bool:
-    qc = quantization_config(path)
-    return isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "compressed-tensors"
+    return has_quant_method(path, "compressed-tensors")
 
 
 def parse_config(qc: dict[str, Any]) -> Any:
@@ -209,7 +197,7 @@ def build_layer(t: dict[str, torch.Tensor], scheme: Any, fmt: str, name: str, dt
     zeros = (torch.full_like(scale, offset, dtype=torch.int16) if zp is None
              else zp.reshape(n, -1).to(torch.int16) + offset)
     codes = (q.to(torch.int16) + offset).t()                                # [K, N] unsigned
-    return new_quant_linear(pack_rows(codes, w.num_bits), scale.t(), zeros.t(), w.num_bits, group_size, k,
+    return new_quant_linear(pack(codes, w.num_bits), scale.t(), zeros.t(), w.num_bits, group_size, k,
                             bias=t.get("bias"), dtype=dtype)
 
 
@@ -220,21 +208,14 @@ def load_compressed_tensors(path: str | os.PathLike, device: str | torch.device 
 
     path = Path(path)
     qconfig = parse_config(quantization_config(path) or {})
-    state = load_tensors(path)
-    model = empty_model(path, dtype, state)
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    state, model, dtype = start_load(path, dtype)
     keys = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "input_scale", "bias")
     for scheme in qconfig.config_groups.values():
         fmt = scheme.format or qconfig.format
         for name, lin in list(match_named_modules(model, scheme.targets, qconfig.ignore)):
             if not isinstance(lin, nn.Linear):
                 raise ValueError(f"{path}: {name} ({type(lin).__name__}) is quantized; ptqkit handles nn.Linear only")
-            own = {key: state.pop(f"{name}.{key}") for key in keys if f"{name}.{key}" in state}
-            layer = build_layer(own, scheme, fmt, name, dtype)
-            if (layer.in_features, layer.out_features) != (lin.in_features, lin.out_features):
-                raise ValueError(f"{path}: layer {name} holds a {layer.in_features}x{layer.out_features} weight, "
-                                 f"the model config expects {lin.in_features}x{lin.out_features}")
-            set_submodule(model, name, layer)
+            put_layer(model, name, build_layer(take_layer(state, name, keys), scheme, fmt, name, dtype), path)
     info = read_info(path) or {"method": "compressed-tensors"}
     info["source_format"] = {"format": "compressed-tensors", "compression": qconfig.format}
     return finish_load(model, state, path, device, info)

@@ -25,25 +25,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers import QuantLinear, QuantLinearW8A8
-from ..models import find_blocks, set_submodule
+from ..layers import QuantLinear
+from ..models import find_blocks
+from ..packing import pack, unpack
 from .common import (
     DEFAULT_SHARD_SIZE,
-    atomic_write,
-    divisors_hint,
-    empty_model,
+    add_layer_tensors,
     finish_load,
     float_tensors,
+    has_quant_method,
     layer_bits_error,
-    load_tensors,
     new_quant_linear,
-    pack_rows,
-    quant_layers,
+    put_layer,
     quantization_config,
     read_info,
-    save_tensors,
-    unpack_rows,
-    write_model_files,
+    refuse_ragged_groups,
+    refuse_w8a8,
+    require_quant_layers,
+    start_load,
+    take_layer,
+    write_checkpoint,
 )
 
 log = logging.getLogger(__name__)
@@ -55,12 +56,12 @@ VERSIONS = ("gptq", "gptq_v2")
 # ---------------------------------------------------------------- pure conversions
 def pack_cols(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack ``[R, N]`` codes along N into int32 ``[R, N·bits/32]`` (GPTQ's ``qzeros`` layout)."""
-    return pack_rows(values.t(), bits).t().contiguous()         # [N, R] packed along N -> [R, W]
+    return pack(values.t(), bits).t().contiguous()         # [N, R] packed along N -> [R, W]
 
 
 def unpack_cols(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_cols`: int32 ``[R, W]`` -> uint8 ``[R, n]``."""
-    return unpack_rows(packed.t().contiguous(), bits, n).t()
+    return unpack(packed.t().contiguous(), bits, n).t()
 
 
 def is_sym(layer: QuantLinear) -> bool:
@@ -71,7 +72,7 @@ def is_sym(layer: QuantLinear) -> bool:
 def original_order(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes ``[N, K]`` and ``g_idx [K]`` in the original input-column order (act-order undone:
     stored row ``j`` is column ``perm[j]`` and belongs to group ``j // group_len``)."""
-    codes = unpack_rows(layer.qweight, layer.bits, layer.in_features).t()   # [N, K] stored order
+    codes = unpack(layer.qweight, layer.bits, layer.in_features).t()   # [N, K] stored order
     stored_group = torch.arange(layer.in_features, device=codes.device) // layer.group_len
     if layer.perm is None:
         return codes, stored_group.to(torch.int32)
@@ -90,7 +91,7 @@ def to_gptq(layer: QuantLinear, version: str = "gptq") -> dict[str, torch.Tensor
         g_idx = (torch.arange(layer.in_features, device=qweight.device) // layer.group_len).to(torch.int32)
     else:
         codes, g_idx = original_order(layer)
-        qweight = pack_rows(codes.t(), layer.bits)                                      # [K·b/32, N]
+        qweight = pack(codes.t(), layer.bits)                                      # [K·b/32, N]
     zeros = layer.zeros.to(torch.int64) - (1 if version == "gptq" else 0)           # [G, N]
     out = {"qweight": qweight, "qzeros": pack_cols(zeros, layer.bits), "scales": layer.scales, "g_idx": g_idx}
     if layer.bias is not None:
@@ -132,7 +133,7 @@ def from_gptq(t: dict[str, torch.Tensor], bits: int, group_size: int, version: s
     perm = perm_from_g_idx(t["g_idx"], group_len, name) if "g_idx" in t else None
     qweight = t["qweight"]           # the same bitstream as ptqkit's qweight: copied as is
     if perm is not None:             # rows to stored order: grouped columns
-        qweight = pack_rows(unpack_rows(qweight, bits, k)[perm.long()], bits)
+        qweight = pack(unpack(qweight, bits, k)[perm.long()], bits)
     return new_quant_linear(qweight, t["scales"], zeros, bits, group_size, k, bias=t.get("bias"), perm=perm,
                             dtype=dtype)
 
@@ -141,9 +142,7 @@ def from_gptq(t: dict[str, torch.Tensor], bits: int, group_size: int, version: s
 def check_layer(name: str, m: nn.Module, bits: int, group_size: int, version: str) -> None:
     """Refuse (naming the layer and what would work) what a GPTQ checkpoint cannot hold."""
     fix_fmt = "save with format='native' (holds every ptqkit layer)"
-    if isinstance(m, QuantLinearW8A8):
-        raise layer_bits_error("gptq", name, "it is a W8A8 layer (int8 activations), GPTQ is weight-only",
-                               "use format='compressed-tensors' (int-quantized) or 'native'")
+    refuse_w8a8("gptq", name, m)
     if m.bits not in GPTQ_BITS:
         raise layer_bits_error("gptq", name, f"{m.bits}-bit weights (GPTQ holds {GPTQ_BITS})",
                                f"quantize with bits in {GPTQ_BITS}, or use format='compressed-tensors' or 'native'")
@@ -151,11 +150,9 @@ def check_layer(name: str, m: nn.Module, bits: int, group_size: int, version: st
         raise layer_bits_error("gptq", name, f"bits={m.bits}, group_size={m.group_size} differ from the "
                                f"first layer's bits={bits}, group_size={group_size} (one setting per checkpoint)",
                                "use format='compressed-tensors' (one scheme per layer group) or 'native'")
+    refuse_ragged_groups("gptq", name, m, "ragged last group; GPTQ kernels and vLLM need K divisible by the "
+                         "group size", fix_fmt)
     k, n = m.in_features, m.out_features
-    if m.group_size != -1 and k % m.group_size != 0:
-        raise layer_bits_error("gptq", name, f"in_features={k} is not a multiple of group_size={m.group_size} "
-                               "(ragged last group; GPTQ kernels and vLLM need K divisible by the group size)",
-                               f"quantize with {divisors_hint(k)}, or {fix_fmt}")
     if (k * m.bits) % 32 or (n * m.bits) % 32:
         raise layer_bits_error("gptq", name, f"K={k} or N={n} times {m.bits} bits is not a multiple of 32 "
                                "(qweight/qzeros are whole int32 words)", fix_fmt)
@@ -199,9 +196,7 @@ def save_gptq(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, 
     keeps the model's dtype, which round-trips exactly."""
     if checkpoint_format not in VERSIONS:
         raise ValueError(f"checkpoint_format={checkpoint_format!r}: use one of {VERSIONS}")
-    layers = quant_layers(model)
-    if not layers:
-        raise ValueError("the model has no quantized layers: quantize it first, or save it with format='native'")
+    layers = require_quant_layers(model)
     first = next(iter(layers.values()))
     bits, group_size = getattr(first, "bits", 8), getattr(first, "group_size", -1)
     for name, m in layers.items():
@@ -209,24 +204,20 @@ def save_gptq(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, 
     tensors = float_tensors(model, dtype)
     desc_act = False
     for name, m in layers.items():
-        for key, v in to_gptq(m, checkpoint_format).items():
-            tensors[f"{name}.{key}"] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+        add_layer_tensors(tensors, name, to_gptq(m, checkpoint_format), dtype)
         desc_act |= m.perm is not None and m.group_len < m.in_features
     sym = all(is_sym(m) for m in layers.values())
     qcfg = gptq_config(bits, group_size, desc_act, sym, checkpoint_format, skipped_block_linears(model),
                        getattr(model, "ptqkit_info", None) or {})
-    with atomic_write(path) as tmp:
-        write_model_files(tmp, model, tokenizer, fmt="gptq", report=report, quantization_config=qcfg, dtype=dtype)
-        save_tensors(tensors, tmp, max_shard_size)
+    out = write_checkpoint(path, model, tensors, "gptq", tokenizer, report, max_shard_size, qcfg, dtype)
     log.info("saved %d GPTQ layers (%d-bit, group %d, %s) to %s", len(layers), bits, group_size,
-             checkpoint_format, path)
-    return Path(path).resolve()
+             checkpoint_format, out)
+    return out
 
 
 # ---------------------------------------------------------------- load
 def is_gptq(path: Path) -> bool:
-    qc = quantization_config(path)
-    return isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "gptq"
+    return has_quant_method(path, "gptq")
 
 
 def load_gptq(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -239,21 +230,12 @@ def load_gptq(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise ValueError(f"{path}: GPTQ checkpoint_format {version!r} is not supported (ptqkit reads {VERSIONS}); "
                          "convert it to 'gptq' with GPTQModel first")
     bits, group_size = int(qc["bits"]), int(qc.get("group_size", -1))
-    state = load_tensors(path)
-    model = empty_model(path, dtype, state)
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    names = [k[: -len(".qweight")] for k in state if k.endswith(".qweight")]
-    for name in names:
-        lin = model.get_submodule(name)
-        own = {key: state.pop(f"{name}.{key}") for key in ("qweight", "qzeros", "scales", "g_idx", "bias")
-               if f"{name}.{key}" in state}
+    state, model, dtype = start_load(path, dtype)
+    for name in [k[: -len(".qweight")] for k in state if k.endswith(".qweight")]:
+        own = take_layer(state, name, ("qweight", "qzeros", "scales", "g_idx", "bias"))
         if "qzeros" not in own or "scales" not in own:
             raise ValueError(f"{path}: layer {name} has a qweight but no qzeros/scales")
-        layer = from_gptq(own, bits, group_size, version, name, dtype)
-        if (layer.in_features, layer.out_features) != (lin.in_features, lin.out_features):
-            raise ValueError(f"{path}: layer {name} holds a {layer.in_features}x{layer.out_features} weight, "
-                             f"the model config expects {lin.in_features}x{lin.out_features}")
-        set_submodule(model, name, layer)
+        put_layer(model, name, from_gptq(own, bits, group_size, version, name, dtype), path)
     info = read_info(path) or {"method": "gptq"}
     info["source_format"] = {"format": "gptq", "checkpoint_format": version, "bits": bits, "group_size": group_size}
     return finish_load(model, state, path, device, info)

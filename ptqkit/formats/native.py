@@ -15,18 +15,7 @@ from torch import nn
 
 from ..layers import QuantLinear, QuantLinearW8A8
 from ..models import set_submodule
-from .common import (  # noqa: F401  (atomic_dir, commit_dir: re-exported for older imports)
-    DEFAULT_SHARD_SIZE,
-    atomic_dir,
-    atomic_write,
-    commit_dir,
-    empty_model,
-    finish_load,
-    load_tensors,
-    save_tensors,
-    unique_state_dict,
-    write_model_files,
-)
+from .common import DEFAULT_SHARD_SIZE, finish_load, start_load, unique_state_dict, write_checkpoint
 
 QUANT_FILE = "ptqkit_quant.json"
 FORMAT_VERSION = 1
@@ -54,13 +43,10 @@ def save_native(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None
     Over ``max_shard_size`` the tensors go to shards with a ``model.safetensors.index.json``;
     ``report`` (an evaluation Report or a dict) is stored in ``ptqkit_report.json``.
     """
-    with atomic_write(path) as tmp:
-        write_model_files(tmp, model, tokenizer, fmt="native", report=report)
-        save_tensors(unique_state_dict(model), tmp, max_shard_size)
-        meta = {"format": "ptqkit", "version": FORMAT_VERSION, "layers": layer_specs(model),
-                "info": getattr(model, "ptqkit_info", {}), **(extra or {})}
-        (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=2, default=str))
-    return Path(path).resolve()
+    meta = {"format": "ptqkit", "version": FORMAT_VERSION, "layers": layer_specs(model),
+            "info": getattr(model, "ptqkit_info", {}), **(extra or {})}
+    return write_checkpoint(path, model, unique_state_dict(model), "native", tokenizer, report, max_shard_size,
+                            extra=lambda tmp: (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=2, default=str)))
 
 
 def empty_quant_layer(spec: dict[str, Any], dtype: torch.dtype) -> nn.Module:
@@ -83,9 +69,7 @@ def load_native(path: str | os.PathLike, device: str | torch.device = "cpu",
     meta = json.loads(qfile.read_text())
     if meta.get("version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path} was written by a newer ptqkit (format {meta['version']}); upgrade ptqkit")
-    state = load_tensors(path)
-    model = empty_model(path, dtype, state)
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    state, model, dtype = start_load(path, dtype)
     for name, spec in meta["layers"].items():
         layer = empty_quant_layer(spec, dtype)
         prefix = name + "."

@@ -1,15 +1,19 @@
 """``ptqkit compare``: methods x bits x group sizes under one calibration set and one protocol.
 
 One calibration set (fingerprinted) serves every combination; the unquantized model is evaluated
-once and its logits are cached on disk and replayed for every combination's KL / top-1.
+once and its logits are cached on disk and replayed for every combination's KL / top-1. A method may
+carry its own options for ablations (``gptq[act_order=false]``): they show in its label and results
+and are part of the key that a rerun's skip logic compares.
 ``results.json`` is rewritten atomically after each finished combination, so a rerun skips them.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -28,53 +32,105 @@ from ..evaluation.plots import plot_ppl_by_bits, plot_size_vs_ppl
 from ..formats.common import atomic_write
 from ..models import DEFAULT_MODEL
 from .run import PeakMemory, _clean_stale, _digest, _read_json, _row, _write_json, summary_line
-from .spec import CalibrationSpec, EvaluationSpec, SpecError, recipe_steps
+from .spec import CalibrationSpec, EvaluationSpec, SpecError, parse_options, recipe_steps
 
 log = logging.getLogger(__name__)
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 PLOT_BITS, PLOT_SIZE = "ppl_by_bits.png", "size_vs_ppl.png"
+GRID_OPTIONS = ("bits", "group_size")  # set by the comparison's grid, not per method
+
+
+# ----------------------------------------------------------------------------- method specs
+def split_methods(text: str) -> list[str]:
+    """Split ``--methods`` on the commas outside brackets: ``"rtn,gptq[act_order=false,damp=0.1]"``."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth not in (0, 1):
+            raise ValueError(f"--methods {text!r}: unbalanced or nested brackets at character {i + 1}")
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise ValueError(f"--methods {text!r}: a '[' is not closed")
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _options_text(options: dict[str, Any] | None, sep: str = ",") -> str:
+    """``act_order=false,damp=0.1``: booleans and null as typed on the command line."""
+    return sep.join(f"{k}={json.dumps(v) if isinstance(v, bool) or v is None else v}" for k, v in (options or {}).items())
+
+
+def parse_method(spec: str) -> tuple[str, str, dict[str, Any]]:
+    """``"gptq[act_order=false]"`` -> (canonical name, recipe ``"gptq"``, its own options ``{"act_order": False}``).
+
+    Options in brackets apply to that method only, on top of the options every method gets.
+    """
+    m = re.fullmatch(r"\s*([^\[\],]+?)\s*(?:\[([^\[\]]*)\])?\s*", spec)
+    if not m:
+        raise ValueError(f"method {spec!r}: write NAME or NAME[key=value,...], e.g. gptq[act_order=false]")
+    recipe, opts = m[1], parse_options([p for p in (m[2] or "").split(",") if p.strip()], f"method {spec!r}")
+    grid = [k for k in GRID_OPTIONS if k in opts]
+    if grid:
+        raise ValueError(f"method {spec!r}: {grid} come from --bits/--group-size (the comparison's grid), "
+                         "not from a method's brackets")
+    if not opts:
+        return recipe, recipe, {}
+    return f"{recipe}[{_options_text(opts)}]", recipe, opts
 
 
 # ----------------------------------------------------------------------------- compare
 @dataclass
 class Combination:
-    method: str  # a registry name or a "+"-joined recipe
-    label: str  # e.g. "gptq-w4g128", "smoothquant-w8a8"
-    options: dict[str, Any]  # everything passed to ptqkit.quantize (bits, group_size included)
+    method: str  # as given, canonical: "gptq", "smoothquant+gptq", "gptq[act_order=false]"
+    label: str  # e.g. "gptq-w4g128", "gptq[act_order=false]-w4g64", "smoothquant-w8a8"
+    options: dict[str, Any]  # everything passed to ptqkit.quantize (bits, group_size, method options included)
     bits: int
     group_size: int
+    recipe: str  # the method without its options: a registry name or a "+"-joined recipe
+    method_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the method's own (brackets)
 
 
 def plan(methods: Sequence[str], bits: Sequence[int], group_sizes: Sequence[int],
          options: dict[str, Any] | None = None) -> list[Combination]:
     """Every method x bits x group size, validated (``build_recipe``) before any model loads.
 
-    A recipe whose quantizer is W8A8 (SmoothQuant) fixes its grid: it runs once at that grid.
+    A method may carry its own options in brackets (``gptq[act_order=false]``, see :func:`parse_method`),
+    applied on top of ``options``. A recipe whose quantizer is W8A8 (SmoothQuant) fixes its grid: it
+    runs once at that grid.
     """
-    combos, problems = [], []
-    for m in dict.fromkeys(methods):  # each method once, in the order given
-        steps = recipe_steps(m)
+    combos, problems, parsed = [], [], {}
+    for spec in methods:
         try:
-            q = build_recipe(steps, options)[-1].config
+            name, recipe, own = parse_method(spec)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        parsed.setdefault(name, (recipe, own))  # each method once, in the order given
+    for m, (recipe, own) in parsed.items():
+        steps, base = recipe_steps(recipe), {**(options or {}), **own}
+        try:
+            q = build_recipe(steps, base)[-1].config
         except ValueError as e:
             problems.append(f"method {m!r}: {e}")
             continue
         if getattr(q, "activations", None) is not None:
             log.info("%s quantizes W8A8 (8-bit per-channel weights): it runs once, whatever --bits/--group-size", m)
-            combos.append(Combination(m, f"{m}-w8a8", dict(options or {}), q.bits, q.group_size))
+            combos.append(Combination(m, f"{m}-w8a8", base, q.bits, q.group_size, recipe, own))
             continue
         for b in bits:
             for g in group_sizes:
-                opts = {**(options or {}), "bits": b, "group_size": g}
+                opts = {**base, "bits": b, "group_size": g}
                 try:
                     build_recipe(steps, opts)
                 except ValueError as e:
                     problems.append(f"method {m!r} at bits={b}, group_size={g}: {e}")
                     continue
-                combos.append(Combination(m, f"{m}-w{b}" + ("pc" if g == -1 else f"g{g}"), opts, b, g))
+                combos.append(Combination(m, f"{m}-w{b}" + ("pc" if g == -1 else f"g{g}"), opts, b, g, recipe, own))
     if problems:
-        raise SpecError(problems)
+        raise SpecError(problems, "comparison")
     return combos
 
 
@@ -136,11 +192,13 @@ def _run_combination(s: _Setup, c: Combination, out: Path, save_format: str | No
     q = copy.deepcopy(s.fp)
     with PeakMemory() as mem:
         t = time.perf_counter()
-        api.quantize(q, recipe_steps(c.method), tokenizer=s.tok, calibration=s.calib, num_samples=len(s.calib),
+        api.quantize(q, recipe_steps(c.recipe), tokenizer=s.tok, calibration=s.calib, num_samples=len(s.calib),
                      seqlen=s.calib.seqlen, **s.quantize_kw, **c.options)
         quant_s = time.perf_counter() - t
     q.ptqkit_info["model"] = s.model
     rep = s.evaluate(q, baseline=s.baseline)
+    # per-block wall times and per-layer facts (damp, α, outlier ratios, ...) go with each run
+    rep.extra.update(blocks=q.ptqkit_info.get("blocks", []), layers=q.ptqkit_info.get("layers", {}))
     with atomic_write(out) as tmp:
         if save_format:
             api.save(q, tmp, format=save_format, tokenizer=s.tok, report=rep)
@@ -158,6 +216,8 @@ def compare(model: str | tuple[nn.Module, Any] = DEFAULT_MODEL, methods: Sequenc
     """Compare methods under one calibration set and one evaluation protocol; returns ``results.json``'s content.
 
     ``model`` is a name for ``ptqkit.load_model`` or a loaded ``(model, tokenizer)`` (left unchanged).
+    ``methods``: registry names or ``+``-joined recipes, each optionally with its own options in
+    brackets (``"gptq[act_order=false]"``, applied on top of ``options``; see :func:`plan`).
     Writes ``results.json`` (after every finished combination), ``results.md``, ``ppl_by_bits.png``,
     ``size_vs_ppl.png`` and ``runs/<label>/report.json`` (+ the checkpoint with ``save_format``).
     Finished combinations (same model, method, grid, options, calibration fingerprint, protocol)
@@ -185,7 +245,7 @@ def compare(model: str | tuple[nn.Module, Any] = DEFAULT_MODEL, methods: Sequenc
     results.update(model=model, baseline=bkey, versions=_evaluation.versions(), evaluation=dataclasses.asdict(ev),
                    calibration={**dataclasses.asdict(cal), "fingerprint": calib.fingerprint,
                                 "description": calib.source},
-                   settings={"ignore": ignore, "pipeline": pipeline, "batch_size": batch_size})
+                   settings={"options": options or {}, "ignore": ignore, "pipeline": pipeline, "batch_size": batch_size})
     keys = [_digest([model, c.method, c.options, calib.fingerprint, bkey, ignore, pipeline]) for c in combos]
     results["current"] = keys  # this run's combinations (results.json keeps older ones too)
     _write_json(out / RESULTS_JSON, results)
@@ -194,7 +254,8 @@ def compare(model: str | tuple[nn.Module, Any] = DEFAULT_MODEL, methods: Sequenc
         if prev and prev.get("status") == "done" and not force:
             log.info("%s", summary_line(c.label, {**prev, "status": "skipped: already done"}))
             continue
-        meta = {"label": c.label, "method": c.method, "bits": c.bits, "group_size": c.group_size, "options": c.options}
+        meta = {"label": c.label, "method": c.method, "recipe": c.recipe, "method_options": c.method_options,
+                "bits": c.bits, "group_size": c.group_size, "options": c.options}
         try:
             row = {**meta, **_run_combination(s, c, out / "runs" / c.label, save_format)}
         except Exception as e:  # noqa: BLE001  (a failed combination is recorded; the others go on)
@@ -231,6 +292,8 @@ def results_markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str
         f"- evaluation: {proto['dataset']}, {proto['windows']} windows x {proto['seqlen']} tokens "
         f"({proto['scored_tokens']} scored), max_windows={results['evaluation']['max_windows']}",
         f"- unquantized: ppl {base['ppl']:.4f}, {base['size_mb']:.1f} MB",
+        f"- options for every method: {_options_text(results['settings'].get('options'), ', ') or 'none'}; "
+        "a method's own options are in its brackets",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()), "",
         "| method | bits | group | ppl | Δ | Δ% | KL | top-1 % | quantize (s) | peak mem (MiB) | size (MB) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .. import api, evaluation, models
 from ..calibration.data import load_calibration
-from ..formats.common import atomic_write
+from ..formats.common import atomic_write, write_report
 from .spec import JobSpec, SpecError, load_jobs, recipe_steps, validate_job
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,11 @@ def _read_json(path: Path) -> Any:
 
 
 def _clean_stale(final: Path) -> None:
-    """Remove temporary directories an interrupted (killed) writer of ``final`` left beside it."""
+    """Remove the temporary (``.tmp-*``) and replaced (``.old-*``) directories that a killed writer of
+    ``final`` left beside it (``formats.common.atomic_write``)."""
     if final.parent.is_dir():
-        for p in final.parent.glob(f".{final.name}.tmp-*"):
+        stale = [p for p in final.parent.iterdir() if p.name.startswith((f".{final.name}.tmp-", f".{final.name}.old-"))]
+        for p in stale:  # (not glob: a compare label such as gptq[act_order=false]-w4g64 has brackets)
             log.info("removing %s left by an interrupted run", p)
             shutil.rmtree(p, ignore_errors=True)
 
@@ -176,8 +178,8 @@ def run_job(job: JobSpec, force: bool = False) -> JobResult:
     with atomic_write(out) as tmp:
         if job.output.format is not None:
             api.save(model, tmp, format=job.output.format, tokenizer=tok, report=rep)
-        elif rep is not None:
-            rep.to_json(tmp / "ptqkit_report.json")
+        elif rep is not None:  # no checkpoint: the same report file (recipe, fingerprint, metrics)
+            write_report(tmp, model, None, rep)
         _write_json(tmp / JOB_FILE, {"key": key, "status": "done", "job": job.spec(), "row": row,
                                      "calibration_fingerprint": calib.fingerprint})
     failed_path(job).unlink(missing_ok=True)

@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Iterable, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 from yaml.nodes import MappingNode, Node, SequenceNode
@@ -85,11 +85,11 @@ class JobSpec:
 
 
 class SpecError(ValueError):
-    """Every problem found in job/recipe files, one ``file:line: message`` per line."""
+    """Every problem found in job/recipe files (``file:line: message``) or a comparison's methods, one per line."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], what: str = "job file") -> None:
         self.problems = problems
-        super().__init__("invalid job file:\n  " + "\n  ".join(problems))
+        super().__init__(f"invalid {what}:\n  " + "\n  ".join(problems))
 
 
 # ----------------------------------------------------------------------------- YAML with line numbers
@@ -238,6 +238,22 @@ def load_jobs(path: str | os.PathLike) -> list[JobSpec]:
 
 
 # ----------------------------------------------------------------------------- validation
+def parse_options(pairs: Iterable[str], where: str = "--option") -> dict[str, Any]:
+    """``KEY=VALUE`` strings as a dict, each value read as YAML (``true``, ``0.5``, ``null``, ``text``)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = (x.strip() for x in pair.partition("="))
+        if not sep or not key:
+            raise ValueError(f"{where}: expected KEY=VALUE (e.g. act_order=true), got {pair!r}")
+        if key in out:
+            raise ValueError(f"{where}: option {key!r} is given twice")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{where}: the value of {key!r} is not valid YAML: {value!r}") from e
+    return out
+
+
 def recipe_steps(recipe: str | list) -> Any:
     """A job's ``recipe`` as ``build_recipe`` takes it: a list of steps, or a YAML recipe path."""
     if isinstance(recipe, list) or recipe.endswith((".yaml", ".yml")):
