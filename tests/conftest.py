@@ -53,15 +53,3 @@ def smollm2_factory(_smollm2_once):
     """Call to get a fresh ``(model, tokenizer)`` copy; for session-scoped fixtures of other modules."""
     model, tok = _smollm2_once
     return lambda: (copy.deepcopy(model), tok)
-
-
-# Real-model tests of the method/format/job modules still in review (issues 3, 4, 5, 7, 8) run with
-# `-m slow` until their issues close: they take minutes each on 2 cores and had not been timed on a
-# quiet machine when this was written. Their unit tests run by default.
-IN_REVIEW = {"test_gptq.py", "test_awq.py", "test_smoothquant.py", "test_formats.py", "test_jobs.py"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name in IN_REVIEW and item.get_closest_marker("model"):
-            item.add_marker(pytest.mark.slow)

@@ -35,34 +35,38 @@ CASES = {
 FLOAT_RTOL = 1e-5  # relative, on every floating-point tensor of the state dict
 
 
-def _model() -> torch.nn.Module:
+def _model(real: bool = False) -> torch.nn.Module:
     from transformers import LlamaForCausalLM
 
+    if real:
+        return ptqkit.load_model("smollm2-135m")[0]
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config()).eval()
     model.config.use_cache = False
     return model
 
 
-def _calib() -> torch.Tensor:
-    return torch.randint(0, 256, (N_SAMPLES, SEQLEN), generator=torch.Generator().manual_seed(1))
+def _calib(real: bool = False) -> torch.Tensor:
+    shape = (N_SAMPLES // 2, 64) if real else (N_SAMPLES, SEQLEN)  # SmolLM2: 4 x 64 tokens
+    return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(1))
 
 
-def _quantize(method: str) -> tuple[dict[str, torch.Tensor], dict, int]:
-    """Quantize the tiny model; returns its state dict, ptqkit_info and the samples embedded here."""
-    model = _model()
+def _quantize(method: str, real: bool = False) -> tuple[dict[str, torch.Tensor], dict, int]:
+    """Quantize the tiny model (or SmolLM2); returns its state dict, ptqkit_info and the samples
+    embedded here."""
+    model = _model(real)
     seen = [0]
     model.model.embed_tokens.register_forward_hook(lambda m, a, out: seen.__setitem__(0, seen[0] + a[0].shape[0]))
-    ptqkit.quantize(model, method, calibration=_calib(), batch_size=BATCH, **CASES[method])
+    ptqkit.quantize(model, method, calibration=_calib(real), batch_size=BATCH, **CASES[method])
     return {k: v.clone() for k, v in model.state_dict().items()}, model.ptqkit_info, seen[0]
 
 
-def _rank_main(rank: int, world: int, port: int, out: str) -> None:
+def _rank_main(rank: int, world: int, port: int, out: str, real: bool = False) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
-        results = {m: _quantize(m) for m in CASES}
+        results = {m: _quantize(m, real) for m in CASES}
         torch.save(results, f"{out}/rank{rank}.pt")
     finally:
         if torch.distributed.is_initialized():
@@ -152,3 +156,18 @@ def test_shard_bounds_and_env_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _model()
     with pytest.raises(ValueError, match="torchrun"):
         ptqkit.quantize(copy.deepcopy(model), "gptq", calibration=_calib(), batch_size=BATCH)
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_rank_smollm2(tmp_path: Path) -> None:
+    """The same on SmolLM2-135M (30 blocks), 4 x 64 tokens: every method's codes equal a 1-rank run's."""
+    refs = {m: _quantize(m, real=True) for m in CASES}
+    mp.start_processes(_rank_main, args=(2, _free_port(), str(tmp_path), True), nprocs=2, join=True,
+                       start_method="fork")
+    for r in range(2):
+        res = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        for m, (ref, _, seen) in refs.items():
+            state, info, got_seen = res[m]
+            assert got_seen == seen // 2 and info["distributed"]["samples_per_rank"] == [2, 2]
+            _compare(ref, state)

@@ -408,6 +408,7 @@ def test_cached_baseline_replays_the_exact_logits(tiny_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- the real model
 @pytest.mark.model
+@pytest.mark.slow  # ~90 s: three RTN runs and four evaluations
 def test_compare_on_smollm2_rtn(smollm2, tmp_path):
     """SmolLM2-135M, RTN at 4 and 3 bits, group 128 (ragged on 576-wide inputs), 16 x 256 calibration
     tokens (unused by RTN; fingerprinted), 1 evaluation window x 256 tokens of the builtin split
