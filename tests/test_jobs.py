@@ -182,6 +182,15 @@ def test_methods_with_their_own_options():
             jobs.plan(jobs.split_methods(spec), [4], [64])
 
 
+def test_w8a8_rtn_takes_its_grid_from_the_comparison():
+    """rtn[activations=dynamic] is W8A8 only at bits 8, per channel: valid on that grid, named per point elsewhere;
+    SmoothQuant recipes fix their own grid and run once."""
+    combos = jobs.plan(["rtn[activations=dynamic]", "smoothquant+gptq[alpha=0.8]"], [8], [-1])
+    assert [c.label for c in combos] == ["rtn[activations=dynamic]-w8pc", "smoothquant+gptq[alpha=0.8]-w8a8"]
+    with pytest.raises(jobs.SpecError, match=r"at bits=4, group_size=64: int8 activations \(W8A8\) need bits=8"):
+        jobs.plan(["rtn[activations=dynamic]"], [4, 8], [64, -1])
+
+
 def test_run_batch_validates_jobs_built_in_code(monkeypatch):
     monkeypatch.setattr(ptqkit.models, "load_model", lambda *a, **k: pytest.fail("a model loaded during validation"))
     with pytest.raises(jobs.SpecError, match=r"<dict>: recipe step 2: a recipe takes one quantizer"):

@@ -112,23 +112,27 @@ def plan(methods: Sequence[str], bits: Sequence[int], group_sizes: Sequence[int]
     for m, (recipe, own) in parsed.items():
         steps, base = recipe_steps(recipe), {**(options or {}), **own}
         try:
-            q = build_recipe(steps, base)[-1].config
-        except ValueError as e:
-            problems.append(f"method {m!r}: {e}")
-            continue
-        if getattr(q, "activations", None) is not None:
+            q, base_error = build_recipe(steps, base)[-1].config, None
+        except ValueError as e:  # may hold on the grid (rtn[activations=dynamic] needs bits=8): see below
+            q, base_error = None, str(e)
+        if q is not None and getattr(q, "activations", None) is not None:
             log.info("%s quantizes W8A8 (8-bit per-channel weights): it runs once, whatever --bits/--group-size", m)
             combos.append(Combination(m, f"{m}-w8a8", base, q.bits, q.group_size, recipe, own))
             continue
+        errors = []
         for b in bits:
             for g in group_sizes:
                 opts = {**base, "bits": b, "group_size": g}
                 try:
                     build_recipe(steps, opts)
                 except ValueError as e:
-                    problems.append(f"method {m!r} at bits={b}, group_size={g}: {e}")
+                    errors.append((f"method {m!r} at bits={b}, group_size={g}: {e}", str(e)))
                     continue
                 combos.append(Combination(m, f"{m}-w{b}" + ("pc" if g == -1 else f"g{g}"), opts, b, g, recipe, own))
+        if base_error is not None and errors and all(e == base_error for _, e in errors):
+            problems.append(f"method {m!r}: {base_error}")  # not about the grid: say it once
+        else:
+            problems += [text for text, _ in errors]
     if problems:
         raise SpecError(problems, "comparison")
     return combos
