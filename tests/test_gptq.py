@@ -121,6 +121,26 @@ def test_clip_search_exhaustive_equals_reference_grid(sym):
     assert (s < find_qparams(w, QuantArgs(bits=3, group_size=-1, sym=sym))[0]).any()   # some rows clipped
 
 
+@pytest.mark.parametrize("weighting", ["none", "shared", "per-row"])
+@pytest.mark.parametrize("norm", [2.0, 2.4])
+def test_clip_errors_in_place_equal_the_plain_formula(weighting, norm):
+    """The chunked in-place error evaluation is bit-identical to the textbook expression."""
+    from ptqkit.quant import qparams_from_range
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(23, 16, generator=g) ** 3
+    args = QuantArgs(bits=4, group_size=-1, sym=False, mse=True)
+    xmin, xmax = w.min(1).values, w.max(1).values
+    p = 1 - torch.randint(0, 80, (5, 23), generator=g) / 100                      # [P, R] shrink factors
+    cw = {"none": None, "shared": torch.rand(16, generator=g), "per-row": torch.rand(23, 16, generator=g)}[weighting]
+    s, z = qparams_from_range(p * xmin, p * xmax, args.bits, args.sym)
+    s, z = s[..., None], z[..., None]
+    e = ((torch.clamp(torch.round(w / s) + z, 0, args.maxq) - z) * s - w).abs() ** norm   # [P, R, C]
+    ref = e.sum(-1) if cw is None else (e @ cw if cw.dim() == 1 else (e * cw).sum(-1))
+    for rows in (4, 2048):                                                      # several chunks, and one
+        assert torch.equal(gm._clip_errors(w, xmin, xmax, p, args, cw, norm, rows=rows), ref)
+
+
 def test_clip_search_coarse_to_fine_close_to_exhaustive():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(300, 64, generator=g) ** 3

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import threading
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -245,3 +247,36 @@ def test_fp_outputs_pipeline_propagates_fp_block_outputs(tiny_llama, pipeline):
 def test_fp_outputs_pipeline_refuses_a_data_driven_quantizer(tiny_llama):
     with pytest.raises(ValueError, match="data-free quantizer"):
         ptqkit.quantize(tiny_llama, ["awq", "gptq"], calibration=calib_set(n=4).ids, pipeline="fp-outputs")
+
+
+def test_sequential_pipeline_observes_batches_in_order(tiny_llama, monkeypatch):
+    """Batch threads reach a linear in any order; its statistics are fed in batch order, so the fp32
+    Hessian sums (and the codes) are the same in every run. Block 0's q_proj input of batch b is
+    its normed embedding, so the order is checked against the batches themselves."""
+    from ptqkit.algorithms.gptq import GPTQ
+
+    calib = calib_set(n=7, length=16, seed=5)
+    seen: list[torch.Tensor] = []
+    orig = GPTQ.observe
+
+    def spy(self, name, module, x, y):
+        if name == "model.layers.0.self_attn.q_proj":
+            seen.append(x.detach().clone())
+        return orig(self, name, module, x, y)
+
+    class Late(threading.Thread):  # batch i's thread starts later the smaller i is: arrivals come in reverse
+        def run(self):
+            time.sleep(0.05 * (4 - self._args[0]))
+            super().run()
+
+    monkeypatch.setattr(GPTQ, "observe", spy)
+    monkeypatch.setattr(threading, "Thread", Late)
+    ref = copy.deepcopy(tiny_llama)
+    a = ptqkit.quantize(copy.deepcopy(tiny_llama), "gptq", calibration=calib, batch_size=2)
+    layer0 = ref.model.layers[0]
+    with torch.no_grad():
+        expected = [layer0.input_layernorm(ref.model.embed_tokens(ids)) for ids in calib.ids.split(2)]
+    assert len(seen) == 4 and all(torch.equal(s, e) for s, e in zip(seen, expected))
+    b = ptqkit.quantize(copy.deepcopy(tiny_llama), "gptq", calibration=calib, batch_size=2)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k

@@ -133,10 +133,16 @@ class _Sequencer:
         self.cond = threading.Condition()
         self.running = 0
         self.waiting: dict["_Wrapped", int] = {}  # linear -> threads paused at it
+        self.pending: dict["_Wrapped", list[tuple[int, torch.Tensor]]] = {}  # linear -> (batch, input) to observe
+        self.local = threading.local()  # .batch: the calibration batch this thread runs
         self.error: BaseException | None = None
 
     def _release(self) -> None:
         for w in self.waiting:
+            # observe in batch order, not in the threads' arrival order: the fp32 statistics (Hessian
+            # sums) come out bit-identical from run to run, and so do the codes
+            for _, x in sorted(self.pending.pop(w, []), key=lambda item: item[0]):
+                self.q.observe(w.name, w.inner, x, None)
             w.quantize()
         # the woken threads count as running from now on, before they get the lock back
         self.running += sum(self.waiting.values())
@@ -146,9 +152,10 @@ class _Sequencer:
     def arrive(self, w: "_Wrapped", x: torch.Tensor) -> None:
         if w.done:  # quantized already: the output pass of "two-pass" must not feed statistics
             return
-        self.q.observe(w.name, w.inner, x, None)
-        if self.observe_only:
+        if self.observe_only:  # batches run one after another here: already in order
+            self.q.observe(w.name, w.inner, x, None)
             return
+        self.pending.setdefault(w, []).append((self.local.batch, x))
         self.waiting[w] = self.waiting.get(w, 0) + 1
         self.running -= 1
         if self.running == 0:
@@ -163,6 +170,7 @@ class _Sequencer:
         self.running = count  # threads not yet started count as running: no barrier opens early
 
         def work(i: int) -> None:
+            self.local.batch = i
             with self.cond:
                 try:
                     with torch.no_grad():
