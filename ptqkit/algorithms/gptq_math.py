@@ -40,18 +40,18 @@ class CholeskyError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------- Hessian
-def input_gram(x: torch.Tensor, chunk: int = 384) -> tuple[torch.Tensor, int]:
+def input_gram(x: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, int]:
     """``(Σ x xᵀ, n)`` over the tokens of ``x [..., K]``, in fp32 (the per-batch part of Eq. 1).
 
     The Gram matrix is symmetric, so only its upper block-triangle is multiplied out, in row
     strips of ``chunk`` columns of ``x``, and mirrored: about (1 + 1/p)/2 of the full product's
-    FLOPs for ``p`` strips (0.62x at K = 1536), each dot product computed exactly as in ``xᵀ x``.
-    Up to two strips the full product is faster (a 2-core CPU, 4096 tokens: 29 against 34 ms at
-    K = 576; 169 ms with 384-column strips against 187 with 256 and 202 unblocked at K = 1536).
+    FLOPs for ``p`` strips (0.58x at K = 1536), each dot product computed exactly as in ``xᵀ x``.
+    On an idle 2-core CPU with 4096 tokens: 11.3 ms against 13.7 unblocked at K = 576, 66 against
+    101 ms at K = 1536 (384-column strips: the same; 512: 70 ms).
     """
     x = x.reshape(-1, x.shape[-1]).float()                        # [n, K]
     k = x.shape[1]
-    if k <= 2 * chunk:
+    if k <= chunk:
         return x.t() @ x, x.shape[0]
     gram = torch.empty(k, k, dtype=x.dtype, device=x.device)
     for i in range(0, k, chunk):
