@@ -341,8 +341,8 @@ GPTQ_HF_CASES = [
 
 
 @pytest.mark.skipif(not GPTQ_BACKEND, reason="transformers' GPTQ path needs gptqmodel + optimum; gptqmodel 7.7 "
-                    "pulls torch 2.14, 7.6 pins numpy 2.2.6: install it in a separate venv "
-                    "(python -m venv --system-site-packages; pip install gptqmodel==7.6.0 optimum torch==2.13.0)")
+                    "pulls torch 2.14, 7.6 pins numpy 2.2.6: bash tests/interop_gptqmodel.sh runs these in a venv of "
+                    "their own (python -m venv --system-site-packages; pip install gptqmodel==7.6.0 optimum torch==2.13.0)")
 @pytest.mark.parametrize("version,q", GPTQ_HF_CASES,
                          ids=[f"{v}-{q['bits']}b-g{q['group_size']}{'-actorder' if q.get('act_order') else ''}"
                               for v, q in GPTQ_HF_CASES])
