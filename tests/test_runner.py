@@ -265,8 +265,12 @@ def test_sequential_pipeline_observes_batches_in_order(tiny_llama, monkeypatch):
         return orig(self, name, module, x, y)
 
     class Late(threading.Thread):  # batch i's thread starts later the smaller i is: arrivals come in reverse
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.batch = kwargs["args"][0]
+
         def run(self):
-            time.sleep(0.05 * (4 - self._args[0]))
+            time.sleep(0.05 * (4 - self.batch))
             super().run()
 
     monkeypatch.setattr(GPTQ, "observe", spy)

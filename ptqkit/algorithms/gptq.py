@@ -178,8 +178,8 @@ class GPTQ(Quantizer):
                 "layer overflowed or are NaN (run the model in float32, or check the layers before it)"
             )
         hessian = hessian.to(w.device)
-        # the factorization and the clip search use every thread (an idle 2-core CPU: K = 1536 Cholesky
-        # 145 against 258 ms on one); the column loop itself runs on one (gptq_columns: latency-bound)
+        # the factorization and the clip search use every thread (benchmarks/gptq_math.py, 2-core CPU:
+        # K = 1536 Cholesky 123 against 240 ms on one); the column loop runs on one (gptq_columns)
         try:
             prepared, reused = self._prepare(hessian)
             res = gptq_quantize(w, hessian, cfg, block_size=cfg.block_size, static_groups=cfg.static_groups,

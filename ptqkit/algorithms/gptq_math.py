@@ -46,8 +46,8 @@ def input_gram(x: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, int]:
     The Gram matrix is symmetric, so only its upper block-triangle is multiplied out, in row
     strips of ``chunk`` columns of ``x``, and mirrored: about (1 + 1/p)/2 of the full product's
     FLOPs for ``p`` strips (0.58x at K = 1536), each dot product computed exactly as in ``xᵀ x``.
-    On an idle 2-core CPU with 4096 tokens: 11.3 ms against 13.7 unblocked at K = 576, 66 against
-    101 ms at K = 1536 (384-column strips: the same; 512: 70 ms).
+    ``benchmarks/gptq_math.py``, 4096 tokens, 2 threads: 10 ms against 14 unblocked at K = 576,
+    63 against 95 ms at K = 1536 (wider strips are slower).
     """
     x = x.reshape(-1, x.shape[-1]).float()                        # [n, K]
     k = x.shape[1]
@@ -164,8 +164,8 @@ def _clip_errors(
     by ``p [P, R]``; ``c`` is ``[C]`` (shared by the rows), ``[R, C]``, or ``None`` (all ones).
 
     In place on one ``[P, rows, C]`` buffer per chunk of rows: the same floating-point operations
-    as the plain expression, without its five full-size temporaries (9x faster on a CPU, where
-    fresh large buffers cost page faults)."""
+    as the plain expression, without its five full-size temporaries (``benchmarks/gptq_math.py``,
+    1536x576 in groups of 64 on a 2-core CPU: 450 -> 30 ms on one thread, 190 -> 17 on two)."""
     s, z = qparams_from_range(p * xmin, p * xmax, args.bits, args.sym)          # [P, R]
     out = torch.empty(p.shape, dtype=w.dtype, device=w.device)
     for r0 in range(0, w.shape[0], rows):

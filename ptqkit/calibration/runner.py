@@ -132,20 +132,20 @@ class _Sequencer:
         self.q, self.n, self.observe_only = quantizer, n, observe_only
         self.cond = threading.Condition()
         self.running = 0
-        self.waiting: dict["_Wrapped", int] = {}  # linear -> threads paused at it
-        self.pending: dict["_Wrapped", list[tuple[int, torch.Tensor]]] = {}  # linear -> (batch, input) to observe
+        # linear -> (batch index, input) of every thread paused at it
+        self.waiting: dict["_Wrapped", list[tuple[int, torch.Tensor]]] = {}
         self.local = threading.local()  # .batch: the calibration batch this thread runs
         self.error: BaseException | None = None
 
     def _release(self) -> None:
-        for w in self.waiting:
+        for w, arrivals in self.waiting.items():
             # observe in batch order, not in the threads' arrival order: the fp32 statistics (Hessian
             # sums) come out bit-identical from run to run, and so do the codes
-            for _, x in sorted(self.pending.pop(w, []), key=lambda item: item[0]):
+            for _, x in sorted(arrivals, key=lambda item: item[0]):
                 self.q.observe(w.name, w.inner, x, None)
             w.quantize()
         # the woken threads count as running from now on, before they get the lock back
-        self.running += sum(self.waiting.values())
+        self.running += sum(len(arrivals) for arrivals in self.waiting.values())
         self.waiting.clear()
         self.cond.notify_all()
 
@@ -155,8 +155,7 @@ class _Sequencer:
         if self.observe_only:  # batches run one after another here: already in order
             self.q.observe(w.name, w.inner, x, None)
             return
-        self.pending.setdefault(w, []).append((self.local.batch, x))
-        self.waiting[w] = self.waiting.get(w, 0) + 1
+        self.waiting.setdefault(w, []).append((self.local.batch, x))
         self.running -= 1
         if self.running == 0:
             self._release()

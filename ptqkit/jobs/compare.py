@@ -119,20 +119,20 @@ def plan(methods: Sequence[str], bits: Sequence[int], group_sizes: Sequence[int]
             log.info("%s quantizes W8A8 (8-bit per-channel weights): it runs once, whatever --bits/--group-size", m)
             combos.append(Combination(m, f"{m}-w8a8", base, q.bits, q.group_size, recipe, own))
             continue
-        errors = []
+        errors = []  # (bits, group_size, message) of the grid points that do not build
         for b in bits:
             for g in group_sizes:
                 opts = {**base, "bits": b, "group_size": g}
                 try:
                     build_recipe(steps, opts)
                 except ValueError as e:
-                    errors.append((f"method {m!r} at bits={b}, group_size={g}: {e}", str(e)))
+                    errors.append((b, g, str(e)))
                     continue
                 combos.append(Combination(m, f"{m}-w{b}" + ("pc" if g == -1 else f"g{g}"), opts, b, g, recipe, own))
-        if base_error is not None and errors and all(e == base_error for _, e in errors):
+        if base_error is not None and errors and all(msg == base_error for _, _, msg in errors):
             problems.append(f"method {m!r}: {base_error}")  # not about the grid: say it once
         else:
-            problems += [text for text, _ in errors]
+            problems += [f"method {m!r} at bits={b}, group_size={g}: {msg}" for b, g, msg in errors]
     if problems:
         raise SpecError(problems, "comparison")
     return combos
