@@ -10,6 +10,23 @@ search only), ``clip`` (clip search only), ``both`` (the defaults), ``duo`` (bot
 ``noduo`` (both, duo scaling off). ``--option key=value`` passes more AWQ options to every AWQ variant.
 The AWQ time per block is split into the observe statistics, the scale search, the clip search and
 the rest (the forward passes and RTN).
+
+``--compare-llmcompressor`` adds a row for llm-compressor's AWQ, run by ``--llmc-python`` (default:
+this interpreter; it must import ``llmcompressor`` and ``ptqkit``) in its own child on the same
+calibration ids: ``oneshot`` with llm-compressor's ``AWQModifier`` (its default ``duo_scaling``
+and ``n_grid``; it has no clip search) and a ``QuantizationModifier`` on the same grid (``--bits``,
+``--group-size``, asymmetric unless ``--sym``; every Linear but ``lm_head``), sequential pipeline,
+batch size ``--llmc-batch-size``. Its model keeps float weights and fake-quantizes them (QDQ from
+its ``weight_scale`` / ``weight_zero_point``) in every forward; it is evaluated like the ptqkit
+variants, and the child checks that the evaluated forward really uses at most ``2**bits`` levels
+per group. Patch: llm-compressor 0.14's AWQ pins its cached block inputs before each mapping's
+grid search (``IntermediatesCache.pin_memory``), and ``Tensor.pin_memory()`` needs an accelerator,
+so on a machine without one ``oneshot`` dies at the first mapping with "RuntimeError: Cannot
+access accelerator device when none is available."; the child makes that pinning a no-op when
+no accelerator is present (pinning only speeds up host-to-device copies, so nothing else changes).
+
+    python benchmarks/awq_time.py --variants both,duo --eval-windows 17 --compare-llmcompressor \\
+        --llmc-python /path/to/venv/bin/python
 """
 from __future__ import annotations
 
@@ -67,7 +84,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     extra = VARIANTS[args.child]
     method = "rtn" if extra is None else [{"method": "awq", **dict(args.option), **extra}, "rtn"]
     out: dict[str, Any] = {"variant": args.child, "method": method, "bits": args.bits, "group_size": args.group_size,
-                           "sym": args.sym, "samples": args.samples, "seqlen": args.seqlen}
+                           "sym": args.sym, "samples": args.samples, "seqlen": args.seqlen,
+                           "calibration_fingerprint": calib.fingerprint}
     with PeakRSS() as mem:
         before = mem.rss() / 2**20
         t0 = time.perf_counter()
@@ -91,8 +109,122 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def run_child(variant: str, argv: list[str]) -> dict[str, Any]:
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", variant]
+def qdq_levels(model: Any, bits: int, group_size: int) -> dict[str, Any]:
+    """How many distinct values per weight group the llm-compressor model's forward really uses.
+
+    compressed-tensors keeps the float (AWQ-scaled) weight and fake-quantizes it in each forward of
+    a module with ``quantization_enabled``; this recomputes that QDQ weight for every quantized
+    Linear, counts its distinct values per group (at most ``2**bits`` if quantized) and checks on
+    one layer that the module's forward equals ``F.linear`` with the QDQ weight, not the stored one.
+    """
+    import torch
+    import torch.nn.functional as F
+    from compressed_tensors.quantization import forward_quantize
+
+    def max_distinct(w: torch.Tensor) -> int:
+        g = w.shape[1] if group_size == -1 else group_size
+        srt = w.detach().float().reshape(-1, g).sort(dim=1).values
+        return int(1 + (srt.diff(dim=1) != 0).sum(dim=1).max())
+
+    layers = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and getattr(m, "quantization_scheme", None) is not None]
+    out: dict[str, Any] = {"layers": len(layers), "enabled": all(getattr(m, "quantization_enabled", False)
+                                                                  for _, m in layers),
+                           "status": sorted({str(getattr(getattr(m, "quantization_status", None), "value", None))
+                                             for _, m in layers})}
+    stored = qdq = 0
+    with torch.no_grad():
+        for _, m in layers:
+            stored = max(stored, max_distinct(m.weight))
+            qdq = max(qdq, max_distinct(forward_quantize(m, m.weight, "weight", m.quantization_scheme.weights)))
+        name, m = layers[0]
+        x = torch.randn(3, m.in_features, generator=torch.Generator().manual_seed(0))
+        wq = forward_quantize(m, m.weight, "weight", m.quantization_scheme.weights)
+        y = m(x)
+        out.update(stored_max_levels=stored, qdq_max_levels=qdq, limit=2**bits, probe_layer=name,
+                   forward_vs_qdq=float((y - F.linear(x, wq, m.bias)).abs().max()),
+                   forward_vs_float=float((y - F.linear(x, m.weight, m.bias)).abs().max()))
+    return out
+
+
+def child_llmcompressor(args: argparse.Namespace) -> dict[str, Any]:
+    """llm-compressor's AWQ + RTN on the same grid and calibration ids, evaluated like the ptqkit variants."""
+    import copy
+
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    try:  # 0.14: AWQ is a transform; llmcompressor.modifiers.awq.AWQModifier is a deprecated shim making this pair
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+    except ImportError:  # older releases: one modifier that also takes the quantization arguments
+        AWQModifier = None
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        import ptqkit
+    except ImportError:  # --llmc-python's environment lacks ptqkit: use this checkout
+        sys.path.insert(0, os.path.dirname(here))
+        import ptqkit
+    from ptqkit.calibration.data import load_calibration, load_eval_ids
+    from ptqkit.evaluation.perplexity import evaluate_windows
+
+    sys.path.insert(0, here)
+    from quantize_time import PeakRSS
+
+    # Patch for a machine without an accelerator: before each mapping's grid search AWQModifier._apply_smoothing
+    # calls IntermediatesCache.pin_memory on its cached block inputs, and torch's Tensor.pin_memory() needs an
+    # accelerator, so on a CPU-only machine oneshot dies at the first mapping. Pinned memory only speeds up
+    # non-blocking host-to-device copies; with everything on the CPU there are none, so pinning becomes a no-op.
+    if not torch.accelerator.is_available():
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base, tok = ptqkit.load_model("smollm2-135m")
+    calib = load_calibration("builtin", tok, num_samples=args.samples, seqlen=args.seqlen, seed=args.seed)
+    model = copy.deepcopy(base)
+    ids = calib.ids
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * ids.shape[1]] * ids.shape[0]})
+    weights: dict[str, Any] = {"num_bits": args.bits, "type": "int", "symmetric": args.sym,
+                               "strategy": "channel" if args.group_size == -1 else "group"}
+    if args.group_size != -1:
+        weights["group_size"] = args.group_size
+    quant = {"targets": ["Linear"], "ignore": ["lm_head"],
+             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}
+    if AWQModifier is not None:
+        awq = AWQModifier()
+        recipe: Any = [awq, QuantizationModifier(**quant)]
+    else:
+        from llmcompressor.modifiers.awq import AWQModifier as OldAWQModifier
+
+        awq = recipe = OldAWQModifier(**quant)
+    out: dict[str, Any] = {"variant": "llmcompressor", "method": "llmcompressor AWQModifier + RTN",
+                           "duo_scaling": awq.duo_scaling, "n_grid": awq.n_grid, "bits": args.bits,
+                           "group_size": args.group_size, "sym": args.sym, "samples": args.samples,
+                           "seqlen": args.seqlen, "calibration_fingerprint": calib.fingerprint,
+                           "patched_pin_memory": not torch.accelerator.is_available()}
+    with PeakRSS() as mem:
+        before = mem.rss() / 2**20
+        t0 = time.perf_counter()
+        oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=ids.shape[0],
+                max_seq_length=ids.shape[1], batch_size=args.llmc_batch_size, shuffle_calibration_samples=False,
+                pipeline="sequential")
+        out["total_s"] = time.perf_counter() - t0
+    out.update(rss_before_mb=before, peak_rss_mb=mem.peak_mb, peak_increase_mb=mem.peak_mb - before,
+               quantized=qdq_levels(model, args.bits, args.group_size))
+    if args.eval_windows:
+        ids = load_eval_ids("builtin", tok)
+        r = evaluate_windows(model, ids, seqlen=2048, baseline=base, max_windows=args.eval_windows, progress=False)
+        out.update(ppl_fp=r["ppl_fp"], ppl_q=r["ppl"], delta_pct=100 * (r["ppl"] - r["ppl_fp"]) / r["ppl_fp"],
+                   kl=r["kl"], top1=r["top1"], eval_windows=r["protocol"]["windows"])
+    return out
+
+
+def run_child(variant: str, argv: list[str], python: str = sys.executable) -> dict[str, Any]:
+    cmd = [python, os.path.abspath(__file__), *argv, "--child", variant]
     print(f"\n$ {' '.join(cmd)}", flush=True)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
@@ -141,22 +273,41 @@ def main() -> None:
     p.add_argument("--variants", default="both", help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--option", type=parse_option, action="append", default=[], help="AWQ option key=value")
     p.add_argument("--eval-windows", type=int, default=0, help="evaluate on this many 2048-token windows (17 = all)")
+    p.add_argument("--compare-llmcompressor", action="store_true",
+                   help="also run llm-compressor's AWQ on the same calibration ids and grid")
+    p.add_argument("--llmc-python", default=sys.executable,
+                   help="interpreter that can import llmcompressor (and ptqkit) (default: this one)")
+    p.add_argument("--llmc-batch-size", type=int, default=1, help="llm-compressor calibration batch size")
     p.add_argument("--json", help="write all results to this file")
-    p.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=[*VARIANTS, "llmcompressor"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(MARK + json.dumps(child(args)), flush=True)
+        fn = child_llmcompressor if args.child == "llmcompressor" else child
+        print(MARK + json.dumps(fn(args)), flush=True)
         return
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise SystemExit(f"unknown variant(s) {bad}: choose from {', '.join(VARIANTS)}")
-    argv = [a for a in sys.argv[1:]]
+    argv = [a for a in sys.argv[1:] if a != "--compare-llmcompressor"]
     results = []
     for v in variants:
         r = run_child(v, argv)
         if v != "rtn":
             print_blocks(r)
+        results.append(r)
+    if args.compare_llmcompressor:
+        r = run_child("llmcompressor", argv, python=args.llmc_python)
+        q = r["quantized"]
+        print(f"\nllmcompressor: AWQ duo_scaling={r['duo_scaling']} n_grid={r['n_grid']}, oneshot {r['total_s']:.2f}s; "
+              f"{q['layers']} quantized Linears (status {', '.join(q['status'])}, fake-quant enabled {q['enabled']}): "
+              f"stored weights up to {q['stored_max_levels']} distinct values per group, the forward's QDQ weights "
+              f"up to {q['qdq_max_levels']} (limit {q['limit']}); {q['probe_layer']} forward vs QDQ weight "
+              f"{q['forward_vs_qdq']:.2e}, vs stored weight {q['forward_vs_float']:.2e}")
+        if not q["enabled"] or q["qdq_max_levels"] > q["limit"] or q["forward_vs_qdq"] > 1e-4:
+            print("WARNING: the evaluated llmcompressor model does not look quantized on the requested grid")
+        if any(x.get("calibration_fingerprint") != r["calibration_fingerprint"] for x in results):
+            raise SystemExit("llmcompressor child saw other calibration ids than the ptqkit variants")
         results.append(r)
     print(f"\nW{args.bits} g{args.group_size} {'sym' if args.sym else 'asym'}, {args.samples} x {args.seqlen} "
           f"calibration tokens (builtin, seed {args.seed})\n")

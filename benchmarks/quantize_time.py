@@ -3,10 +3,12 @@
     python benchmarks/quantize_time.py                          # ptqkit GPTQ W4 g64, 128 x 512 builtin tokens
     python benchmarks/quantize_time.py --bits 3 --option act_order=true --eval-windows 4
     /path/to/venv/bin/python benchmarks/quantize_time.py --compare-llmcompressor
+    python benchmarks/quantize_time.py --smoothquant 0.8 --compare-llmcompressor --llmc-python ... --eval-windows 8
 
 Each run happens in a fresh child process (so peak memory is its own): the model is loaded, then
 ``ptqkit.quantize`` (or llm-compressor's ``oneshot`` with a ``GPTQModifier`` of the same scheme) runs
-on the same calibration ids. Model loading is excluded from the quantization time. For ptqkit the
+on the same calibration ids; ``--smoothquant ALPHA`` times SmoothQuant then GPTQ W8A8 in both tools
+(llm-compressor: ``SmoothQuantModifier`` + ``GPTQModifier(scheme="W8A8")``). Model loading is excluded from the quantization time. For ptqkit the
 time is split into the forward passes (block time minus the rest), the Hessian accumulation
 (``observe``) and the GPTQ math (``quantize``). ``--compare-llmcompressor`` needs ``llmcompressor``
 importable by ``--llmc-python`` (default: this interpreter); ptqkit itself never needs it.
@@ -94,6 +96,14 @@ def perplexity(model: Any, tok: Any, windows: int) -> float | None:
     return evaluate(model, tok, max_windows=windows).ppl_q
 
 
+def recipe(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """ptqkit's method and options: GPTQ on the weight grid, or SmoothQuant then GPTQ W8A8."""
+    if args.smoothquant is not None:
+        return ["smoothquant", "gptq"], {"alpha": args.smoothquant, "bits": 8, "group_size": -1, "sym": True,
+                                         "activations": "dynamic"}
+    return "gptq", {"bits": args.bits, "group_size": args.group_size, "sym": True}
+
+
 def child_ptqkit(args: argparse.Namespace) -> dict[str, Any]:
     import copy
 
@@ -106,8 +116,8 @@ def child_ptqkit(args: argparse.Namespace) -> dict[str, Any]:
     with PeakRSS() as mem:
         before = mem.rss() / 2**20
         t0 = time.perf_counter()
-        ptqkit.quantize(model, "gptq", calibration=calib, bits=args.bits, group_size=args.group_size, sym=True,
-                        batch_size=args.batch_size, **dict(args.option))
+        method, opts = recipe(args)
+        ptqkit.quantize(model, method, calibration=calib, batch_size=args.batch_size, **opts, **dict(args.option))
         out["total_s"] = time.perf_counter() - t0
     info = model.ptqkit_info
     layers = info["layers"]
@@ -130,6 +140,7 @@ def child_llmcompressor(args: argparse.Namespace) -> dict[str, Any]:
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
+    from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 
     model, tok, calib = load(args)
     ids = calib.ids
@@ -138,9 +149,12 @@ def child_llmcompressor(args: argparse.Namespace) -> dict[str, Any]:
                "strategy": "channel" if args.group_size == -1 else "group"}
     if args.group_size != -1:
         weights["group_size"] = args.group_size
-    recipe = GPTQModifier(targets="Linear", ignore=["lm_head"], actorder=args.llmc_actorder,
-                          config_groups={"group_0": {"targets": ["Linear"], "weights": weights}})
-    out: dict[str, Any] = {"tool": "llmcompressor", "actorder": args.llmc_actorder}
+    recipe: Any = GPTQModifier(targets="Linear", ignore=["lm_head"], actorder=args.llmc_actorder,
+                               config_groups={"group_0": {"targets": ["Linear"], "weights": weights}})
+    if args.smoothquant is not None:  # its default Llama mappings: input norm -> q/k/v, post-attention norm -> gate/up
+        recipe = [SmoothQuantModifier(smoothing_strength=args.smoothquant),
+                  GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"], actorder=args.llmc_actorder)]
+    out: dict[str, Any] = {"tool": "llmcompressor", "actorder": args.llmc_actorder, "smoothquant": args.smoothquant}
     with PeakRSS() as mem:
         before = mem.rss() / 2**20
         t0 = time.perf_counter()
@@ -187,6 +201,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--option", type=parse_option, action="append", default=[],
                    help="extra GPTQ option key=value (repeatable), e.g. act_order=true")
+    p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
+                   help="SmoothQuant with this strength, then GPTQ W8A8 (int8 per-token activations) instead of "
+                        "weight-only GPTQ; --bits/--group-size are then ignored")
     p.add_argument("--eval-windows", type=int, default=0,
                    help="also report perplexity on this many 2048-token windows of the builtin eval split")
     p.add_argument("--compare-llmcompressor", action="store_true", help="also time llm-compressor's GPTQ")
@@ -212,7 +229,9 @@ def main() -> None:
         print_ptqkit(results[-1])
     if args.compare_llmcompressor:
         results.append(run_child(args.llmc_python, "llmcompressor", argv))
-    print(f"\nGPTQ W{args.bits} g{args.group_size}, {args.samples} x {args.seqlen} builtin calibration tokens, "
+    what = f"SmoothQuant (alpha {args.smoothquant}) + GPTQ W8A8" if args.smoothquant is not None else \
+        f"GPTQ W{args.bits} g{args.group_size}"
+    print(f"\n{what}, {args.samples} x {args.seqlen} builtin calibration tokens, "
           f"load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"{'tool':<14} {'quantize s':>10} {'peak RSS MB':>12} {'+ over load MB':>15} {'ppl (eval)':>11}")
     for r in results:

@@ -130,3 +130,26 @@ class QuantLinearW8A8(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"activations={'static' if self.input_scale is not None else 'dynamic per-token'}")
+
+
+@torch.no_grad()
+def divide_rows_(module: nn.Module, s: torch.Tensor) -> None:
+    """Divide output channel ``j`` of a linear by ``s_j`` in place (float or quantized).
+
+    Row scaling commutes with per-output-channel (and per-group along K) quantization, so a
+    quantized layer keeps its codes and only its scales (and bias) change: SmoothQuant folds a
+    scale into a producer linear that the runner has already quantized this way.
+    """
+    s64 = s.double()
+    if isinstance(module, QuantLinear):
+        targets = [(module.scales, s64[None, :])]                             # scales [G, N]
+    elif isinstance(module, QuantLinearW8A8):
+        targets = [(module.weight_scale, s64)]                                # [N]
+    elif isinstance(module, nn.Linear):
+        targets = [(module.weight, s64[:, None])]                             # [N, K]
+    else:
+        raise TypeError(f"cannot divide the output rows of {type(module).__name__}")
+    if module.bias is not None:
+        targets.append((module.bias, s64))
+    for t, d in targets:
+        t.copy_((t.double() / d.to(t.device)).to(t.dtype))

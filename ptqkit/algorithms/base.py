@@ -3,7 +3,8 @@
 The runner (``ptqkit.calibration.runner``) drives both, one decoder block at a time:
 
 - a ``Transform`` sees every targeted linear's input and output through ``observe`` during a
-  forward pass of the block, then ``apply(block, ctx)`` rewrites weights (AWQ, SmoothQuant);
+  forward pass of the block, then ``apply(block, ctx)`` rewrites weights (AWQ, SmoothQuant); or,
+  when ``in_pass`` says so, folds at the quantizer's barriers (``at_barrier``) with no pass of its own;
 - a ``Quantizer`` sees each linear's input through ``observe`` and is asked to
   ``quantize(name, linear)`` it once every calibration batch has reached that linear, so every
   layer is quantized on inputs produced by its already-quantized predecessors.
@@ -69,6 +70,18 @@ class Transform(Algorithm):
 
     def apply(self, block: nn.Module, ctx: Any) -> None:
         raise NotImplementedError
+
+    def in_pass(self, block: nn.Module, ctx: Any) -> bool:
+        """True: skip the observe pass of this block and fold at the quantizer pass's barriers instead."""
+        return False
+
+    def at_barrier(self, block: nn.Module, ctx: Any, name: str, xs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """In-pass fold: every batch's input ``xs`` to linear ``name`` is held, none quantized yet.
+        Returns ``{reader: s}`` for the linears whose inputs in this pass must be divided by ``s``."""
+        raise NotImplementedError
+
+    def finish(self, block: nn.Module, ctx: Any) -> None:
+        """After an in-pass block: drop per-block state."""
 
 
 @dataclass

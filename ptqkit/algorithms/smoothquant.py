@@ -187,6 +187,8 @@ class SmoothQuant(Transform):
     def __init__(self, config: SmoothQuantConfig) -> None:
         super().__init__(config)
         self._act_max: dict[str, torch.Tensor] = {}
+        self._in_pass_done: set[str] = set()       # producers of this block already handled in-pass
+        self._in_pass_smoothed: set[str] = set()   # readers of this block whose inputs were smoothed
 
     def observe(self, name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> None:
         m = channel_absmax(x)
@@ -196,31 +198,43 @@ class SmoothQuant(Transform):
     # ---------------------------------------------------------------- wiring
     def _groups(self, block: nn.Module, ctx: Any) -> list[_Group]:
         """The block's smoothable mappings, all resolved before any weight changes."""
+        self._check_mappings(block, ctx)
+        groups = [self._group(block, ctx, m) for m in ctx.arch.mappings]
+        return [g for g in groups if g is not None]
+
+    def _check_mappings(self, block: nn.Module, ctx: Any) -> None:
         if not any(not isinstance(_submodule(block, m.prev, ctx), nn.Linear) for m in ctx.arch.mappings):
             raise ValueError(
                 f"SmoothQuant needs the norm -> linears mappings of the architecture, and "
                 f"{type(block).__name__} has none: add an Architecture with mappings for this model_type "
                 "to ptqkit.models.ARCHITECTURES"
             )
-        groups = [self._group(block, ctx, m) for m in ctx.arch.mappings]
-        return [g for g in groups if g is not None]
+
+    @staticmethod
+    def _module(block: nn.Module, ctx: Any, name: str) -> nn.Module:
+        """The float (or, for an already quantized producer, the current) module behind ``name``,
+        looking through the runner's wrappers during an in-pass fold."""
+        live = ctx.live.get(name) if getattr(ctx, "live", None) else None
+        return live.inner if live is not None else _submodule(block, name, ctx)
 
     def _group(self, block: nn.Module, ctx: Any, m: Mapping) -> _Group | None:
-        prev = _submodule(block, m.prev, ctx)
-        linears = tuple(_submodule(block, n, ctx) for n in m.linears)
+        prev = self._module(block, ctx, m.prev)
+        linears = tuple(self._module(block, ctx, n) for n in m.linears)
         k = linears[0].in_features
-        if isinstance(prev, nn.Linear):
+        if isinstance(prev, nn.Linear) or m.prev in getattr(ctx, "live", {}):
             if self.config.linear_alpha is None:
                 return None
             if prev.out_features != k:  # e.g. v -> o under grouped-query attention: no one-to-one fold
                 log.debug("%s: %s -> %s skipped (%d rows feed %d columns)", ctx.prefix, m.prev, m.linears,
                           prev.out_features, k)
                 return None
+            kind = "linear"
         else:
             weight = getattr(prev, "weight", None)
             if not isinstance(weight, torch.Tensor) or weight.shape != (k,):
                 raise ValueError(f"{ctx.prefix}.{m.prev} has no per-channel weight of size {k} to fold the "
                                  "smoothing scales into; SmoothQuant needs an affine norm before the linears")
+            kind = "norm"
         quantized = tuple(n for n in m.linears if n in ctx.linears)
         if not quantized:  # every reader stays in full precision: nothing to smooth for
             return None
@@ -229,9 +243,59 @@ class SmoothQuant(Transform):
             log.warning("%s.%s: no calibration input reached %s; not smoothed", ctx.prefix, m.prev, quantized)
             return None
         act_max = torch.stack(stats).amax(dim=0)
-        w_max = weight_absmax([block.get_submodule(n).weight for n in quantized])
-        kind = "linear" if isinstance(prev, nn.Linear) else "norm"
+        w_max = weight_absmax([self._module(block, ctx, n).weight for n in quantized])
         return _Group(m.prev, prev, kind, tuple(m.linears), linears, quantized, act_max, w_max)
+
+    # ---------------------------------------------------------------- in-pass (one forward per block)
+    def in_pass(self, block: nn.Module, ctx: Any) -> bool:
+        """Fixed strengths need only each mapping's input maxima, which the quantizer pass holds at
+        the mapping's first reader: fold there, no observe pass. Not for ``"auto"`` (it re-runs the
+        block per candidate), nor when a mapping has an unquantized reader, which would read
+        unsmoothed inputs with smoothed weights during that pass."""
+        if "auto" in (self.config.alpha, self.config.linear_alpha):
+            return False
+        self._check_mappings(block, ctx)
+        for m in ctx.arch.mappings:
+            n_quantized = sum(n in ctx.linears for n in m.linears)
+            if 0 < n_quantized < len(m.linears):
+                return False
+        return True
+
+    @torch.no_grad()
+    def at_barrier(self, block: nn.Module, ctx: Any, name: str, xs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Smooth the mapping that ``name`` is the first reader of, from the held inputs ``xs``."""
+        act_max = torch.stack([channel_absmax(x) for x in xs]).amax(dim=0)
+        if distributed.is_distributed():  # data-parallel hook: the maxima over every rank's tokens
+            act_max = distributed.all_reduce_(act_max.clone(), "max")
+        done = self._in_pass_done
+        m = next((m for m in ctx.arch.mappings if name in m.linears and m.prev not in done), None)
+        g = None
+        if m is not None:
+            done.add(m.prev)
+            keys = [f"{ctx.prefix}.{n}" for n in m.linears if n in ctx.linears]
+            self._act_max.update({k: act_max for k in keys})
+            g = self._group(block, ctx, m)
+            for k in keys:
+                del self._act_max[k]
+        if g is None:
+            if name not in self._in_pass_smoothed:
+                self._record_unsmoothed(f"{ctx.prefix}.{name}", act_max)
+            return {}
+        alphas = {"norm": self.config.alpha, "linear": self.config.linear_alpha}
+        s = g.scales(alphas)
+        live = ctx.live.get(g.prev)
+        if live is not None:  # a linear this pass has already quantized: its scales take the division
+            live.divide_rows_(s)
+            fold_scales(None, g.linears, s)
+        else:
+            fold_scales(g.prev_module, g.linears, s)
+        self._record(ctx, g, s, alphas)
+        self._in_pass_smoothed.update(g.names)
+        return {n: s for n in g.names}
+
+    def finish(self, block: nn.Module, ctx: Any) -> None:
+        self._in_pass_done.clear()
+        self._in_pass_smoothed.clear()
 
     def _all_reduce(self, ctx: Any) -> None:
         """Data-parallel hook: per-channel maxima over every rank's tokens (MAX), in the order of
@@ -258,24 +322,30 @@ class SmoothQuant(Transform):
         for g in groups:
             s = g.scales(alphas)
             fold_scales(g.prev_module, g.linears, s)
-            before, after = outlier_stats(g.act_max), outlier_stats(g.act_max / s)
-            for n in g.quantized:
-                self.stats[f"{ctx.prefix}.{n}"] = {
-                    "smoothed_by": f"{ctx.prefix}.{g.prev}", "alpha": alphas[g.kind],
-                    "act_max_before": before["max"], "act_median_before": before["median"],
-                    "outlier_ratio_before": before["ratio"],
-                    "act_max_after": after["max"], "act_median_after": after["median"],
-                    "outlier_ratio_after": after["ratio"],
-                }
+            self._record(ctx, g, s, alphas)
         smoothed = {n for g in groups for n in g.quantized}
         for n in ctx.linears:  # the other linears' inputs, for the outlier picture
             key = f"{ctx.prefix}.{n}"
             if n not in smoothed and key in self._act_max:
-                o = outlier_stats(self._act_max[key])
-                self.stats[key] = {"smoothed_by": None, "act_max_before": o["max"], "act_median_before": o["median"],
-                                   "outlier_ratio_before": o["ratio"]}
+                self._record_unsmoothed(key, self._act_max[key])
         for key in [k for k in self._act_max if k.startswith(ctx.prefix + ".")]:
             del self._act_max[key]
+
+    def _record(self, ctx: Any, g: _Group, s: torch.Tensor, alphas: dict[str, Any]) -> None:
+        before, after = outlier_stats(g.act_max), outlier_stats(g.act_max / s)
+        for n in g.quantized:
+            self.stats[f"{ctx.prefix}.{n}"] = {
+                "smoothed_by": f"{ctx.prefix}.{g.prev}", "alpha": alphas[g.kind],
+                "act_max_before": before["max"], "act_median_before": before["median"],
+                "outlier_ratio_before": before["ratio"],
+                "act_max_after": after["max"], "act_median_after": after["median"],
+                "outlier_ratio_after": after["ratio"],
+            }
+
+    def _record_unsmoothed(self, key: str, act_max: torch.Tensor) -> None:
+        o = outlier_stats(act_max)
+        self.stats[key] = {"smoothed_by": None, "act_max_before": o["max"], "act_median_before": o["median"],
+                           "outlier_ratio_before": o["ratio"]}
 
     def _search(self, block: nn.Module, ctx: Any, groups: list[_Group],
                 alphas: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[float, float]]]:

@@ -3,7 +3,9 @@
 For each decoder block, one at a time on the execution device:
 
 1. every transform step (AWQ, SmoothQuant) observes the block's linears over a forward pass of
-   all calibration batches, then rewrites weights with ``apply(block, ctx)``;
+   all calibration batches, then rewrites weights with ``apply(block, ctx)``; a transform that
+   can decide from one linear's inputs (SmoothQuant with fixed strengths) instead folds its scales
+   at the quantizer pass's barriers (``Transform.at_barrier``): one forward pass per block in all;
 2. the quantizer step runs **one** forward pass in which every batch pauses at each linear until
    all batches have reached it; the quantizer then quantizes that linear from the statistics of all
    batches and the batches go on through the quantized layer. So each linear is calibrated on
@@ -33,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..algorithms.base import Algorithm, Quantizer, Transform
-from ..layers import QuantLinear
+from ..layers import QuantLinear, divide_rows_
 from ..nested import block_output, to_device
 from ..models import Architecture, architecture, find_blocks, find_linears, set_submodule
 from .data import CalibrationSet
@@ -56,6 +58,7 @@ class BlockContext:
     arch: Architecture
     qargs: Any                               # the quantizer's config (bits, group_size, sym, ...)
     info: dict[str, Any] = field(default_factory=dict)
+    live: dict[str, Any] = field(default_factory=dict)  # short name -> _Wrapped, during the quantizer pass
 
     def forward(self, block: nn.Module, batches: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Run ``block`` on the calibration inputs (all batches, or the chosen ones)."""
@@ -128,8 +131,14 @@ class _Sequencer:
     never reach it still makes progress.
     """
 
-    def __init__(self, quantizer: Quantizer, n: int, observe_only: bool = False) -> None:
+    def __init__(self, quantizer: Quantizer, n: int, observe_only: bool = False,
+                 at_barrier: Callable[[str, list[torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
         self.q, self.n, self.observe_only = quantizer, n, observe_only
+        # in-pass transforms: (linear, its inputs in batch order) -> {reader: s} whose inputs this pass
+        # must divide by s (they were computed before the transform folded s into their producer)
+        self.at_barrier = at_barrier
+        self.divisors: dict[str, tuple[torch.Tensor, set[int]]] = {}
+        self.ready: dict[tuple["_Wrapped", int], torch.Tensor] = {}  # the input each woken thread goes on with
         self.cond = threading.Condition()
         self.running = 0
         # linear -> (batch index, input) of every thread paused at it
@@ -141,7 +150,15 @@ class _Sequencer:
         for w, arrivals in self.waiting.items():
             # observe in batch order, not in the threads' arrival order: the fp32 statistics (Hessian
             # sums) come out bit-identical from run to run, and so do the codes
-            for _, x in sorted(arrivals, key=lambda item: item[0]):
+            arrivals = sorted(arrivals, key=lambda item: item[0])
+            if self.at_barrier is not None:
+                for reader, s in self.at_barrier(w.short, [x for _, x in arrivals]).items():
+                    self.divisors[reader] = (s, {b for b, _ in arrivals})
+            s, batches = self.divisors.get(w.short, (None, set()))
+            for b, x in arrivals:
+                if b in batches:
+                    x = (x.float() / s.to(x.device)).to(x.dtype)
+                    self.ready[(w, b)] = x
                 self.q.observe(w.name, w.inner, x, None)
             w.quantize()
         # the woken threads count as running from now on, before they get the lock back
@@ -149,12 +166,13 @@ class _Sequencer:
         self.waiting.clear()
         self.cond.notify_all()
 
-    def arrive(self, w: "_Wrapped", x: torch.Tensor) -> None:
+    def arrive(self, w: "_Wrapped", x: torch.Tensor) -> torch.Tensor:
+        """Pause until ``w`` is quantized; returns the input to go on with (rescaled by an in-pass fold)."""
         if w.done:  # quantized already: the output pass of "two-pass" must not feed statistics
-            return
+            return x
         if self.observe_only:  # batches run one after another here: already in order
             self.q.observe(w.name, w.inner, x, None)
-            return
+            return x
         self.waiting.setdefault(w, []).append((self.local.batch, x))
         self.running -= 1
         if self.running == 0:
@@ -163,6 +181,7 @@ class _Sequencer:
             self.cond.wait_for(lambda: w.done or self.error is not None)
         if self.error is not None:
             raise RuntimeError("another calibration batch failed") from self.error
+        return self.ready.pop((w, self.local.batch), x)
 
     def run(self, fn: Callable[[int], torch.Tensor], count: int) -> list[torch.Tensor]:
         results: list[Any] = [None] * count
@@ -200,10 +219,16 @@ class _Sequencer:
 class _Wrapped(nn.Module):
     """Stands in for a linear during the quantizer pass; becomes its quantized replacement."""
 
-    def __init__(self, name: str, inner: nn.Module, seq: _Sequencer) -> None:
+    def __init__(self, name: str, short: str, inner: nn.Module, seq: _Sequencer) -> None:
         super().__init__()
-        self.name, self.inner, self.seq, self.done = name, inner, seq, False
+        self.name, self.short, self.inner, self.seq, self.done = name, short, inner, seq, False
         self.final: nn.Module = inner
+
+    def divide_rows_(self, s: torch.Tensor) -> None:
+        """Divide the output rows by ``s`` (an in-pass fold into this linear as a producer)."""
+        divide_rows_(self.inner, s)
+        if self.final is not self.inner:
+            divide_rows_(self.final, s)
 
     def quantize(self) -> None:
         t = time.perf_counter()
@@ -220,7 +245,7 @@ class _Wrapped(nn.Module):
         self.done = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.seq.arrive(self, x)
+        x = self.seq.arrive(self, x)
         return self.inner(x)
 
 
@@ -241,18 +266,26 @@ def _observe_pass(step: Transform, block: nn.Module, prefix: str, linears: dict[
 
 
 def _quantize_pass(q: Quantizer, block: nn.Module, prefix: str, linears: dict[str, nn.Linear],
-                   ctx: BlockContext, pipeline: str) -> list[torch.Tensor]:
-    """Quantize the block's linears and return its quantized outputs per batch."""
+                   ctx: BlockContext, pipeline: str, in_pass: Sequence[Transform] = ()) -> list[torch.Tensor]:
+    """Quantize the block's linears and return its quantized outputs per batch; the ``in_pass``
+    transforms fold their scales at the barriers."""
     n = len(ctx.inputs)
+
+    def at_barrier(short: str, xs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for t in in_pass:
+            out.update(t.at_barrier(block, ctx, short, xs))
+        return out
 
     def fwd(i: int) -> torch.Tensor:
         h = to_device(ctx.inputs[i], ctx.device)
         return block_output(block(h, **to_device(ctx.kwargs[i], ctx.device))).to(ctx.inputs[i].device)
 
-    seq = _Sequencer(q, n, observe_only=pipeline == "two-pass")
-    wrapped = {name: _Wrapped(prefix + name, m, seq) for name, m in linears.items()}
+    seq = _Sequencer(q, n, observe_only=pipeline == "two-pass", at_barrier=at_barrier if in_pass else None)
+    wrapped = {name: _Wrapped(prefix + name, name, m, seq) for name, m in linears.items()}
     for name, w in wrapped.items():
         set_submodule(block, name, w)
+    ctx.live = wrapped
     try:
         outs = seq.run(fwd, n)
         if pipeline == "two-pass":
@@ -266,6 +299,7 @@ def _quantize_pass(q: Quantizer, block: nn.Module, prefix: str, linears: dict[st
                 log.warning("%s saw no calibration input; quantized without statistics", w.name)
                 w.quantize()
     finally:
+        ctx.live = {}
         for name, w in wrapped.items():
             set_submodule(block, name, w.final)
     return outs
@@ -338,7 +372,8 @@ def run(
         linears = find_linears(block, ignore, prefix)
         ctx = BlockContext(i, prefix[:-1], linears, inputs, kwargs, device, arch, quantizer.config)
         fp_outs = None
-        for t in transforms:
+        in_pass = pipeline == "sequential" and bool(transforms) and all(t.in_pass(block, ctx) for t in transforms)
+        for t in [] if in_pass else transforms:
             fp_outs = _observe_pass(t, block, prefix, linears, ctx)
             t.apply(block, ctx)
             linears = find_linears(block, ignore, prefix)  # a transform may have replaced modules
@@ -350,7 +385,9 @@ def run(
                 set_submodule(block, name, quantizer.quantize(prefix + name, m))
             inputs = [o.to(x.device) for o, x in zip(fp_outs, inputs)]
         else:
-            inputs = _quantize_pass(quantizer, block, prefix, linears, ctx, pipeline)
+            inputs = _quantize_pass(quantizer, block, prefix, linears, ctx, pipeline, transforms if in_pass else ())
+            for t in transforms if in_pass else ():
+                t.finish(block, ctx)
         del fp_outs
         block.to(home)
         info["blocks"].append({"index": i, "seconds": time.perf_counter() - tb})
