@@ -10,7 +10,8 @@ then W8A8 RTN; linear_alpha defaults to 0.5, ``none`` smooths the norm mappings 
 the builtin evaluation split as the fp model (protocol of ``ptqkit.evaluation``: non-overlapping
 windows, ppl = exp(mean NLL), KL(fp || q) and top-1 agreement per scored token); the fp logits are
 computed once per window for all configs. Outlier ratio = max / median of the per-channel max|x|
-of a smoothed linear's input, averaged over the 60 norm -> linears mappings.
+of a smoothed linear's input, averaged over the smoothed mappings (norm -> linears, and up -> down
+with linear_alpha).
 """
 from __future__ import annotations
 

@@ -513,6 +513,21 @@ def test_in_pass_inputs_are_those_of_the_final_model(tiny_llama, activations) ->
             assert rel < (1e-5 if activations is None else 2e-3), (name, rel)  # int8 acts: rare code flips
 
 
+def test_in_pass_readers_of_one_input_share_its_smoothed_copy(tiny_llama) -> None:
+    """k/v (after q) and up (after gate) get the very tensor their first reader was divided into:
+    GPTQ's per-batch Gram cache hits exactly as often as without smoothing."""
+    from ptqkit.algorithms.gptq import GPTQ, GPTQConfig
+
+    fp = _outlier_llama(tiny_llama)
+    calib = _ids(8, 32, 24)
+    hits = []
+    for transforms in ([], [SmoothQuant(SmoothQuantConfig(alpha=0.5))]):
+        gptq = GPTQ(GPTQConfig(bits=8, group_size=-1, sym=True, activations="dynamic"))
+        _run(copy.deepcopy(fp), calib, [*transforms, gptq])
+        hits.append(gptq._grams.hits)
+    assert hits[0] == hits[1] == 2 * 2 * 3, hits     # blocks x batches x (k, v, up)
+
+
 def test_divide_rows_of_float_and_quantized_linears() -> None:
     from ptqkit.layers import divide_rows_
 

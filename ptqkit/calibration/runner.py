@@ -139,6 +139,7 @@ class _Sequencer:
         self.at_barrier = at_barrier
         self.divisors: dict[str, tuple[torch.Tensor, set[int]]] = {}
         self.ready: dict[tuple["_Wrapped", int], torch.Tensor] = {}  # the input each woken thread goes on with
+        self.divided: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # batch -> (x, s, x / s)
         self.cond = threading.Condition()
         self.running = 0
         # linear -> (batch index, input) of every thread paused at it
@@ -152,12 +153,17 @@ class _Sequencer:
             # sums) come out bit-identical from run to run, and so do the codes
             arrivals = sorted(arrivals, key=lambda item: item[0])
             if self.at_barrier is not None:
-                for reader, s in self.at_barrier(w.short, [x for _, x in arrivals]).items():
+                folds = self.at_barrier(w.short, [x for _, x in arrivals])
+                if folds and len(arrivals) != self.n:  # e.g. a routed expert: the other batches' inputs
+                    raise RuntimeError(            # are elsewhere and would miss the division
+                        f"{w.name}: an in-pass fold needs every calibration batch at this linear, "
+                        f"{len(arrivals)} of {self.n} reached it; use pipeline='two-pass'")
+                for reader, s in folds.items():
                     self.divisors[reader] = (s, {b for b, _ in arrivals})
             s, batches = self.divisors.get(w.short, (None, set()))
             for b, x in arrivals:
                 if b in batches:
-                    x = (x.float() / s.to(x.device)).to(x.dtype)
+                    x = self._divide(b, x, s)
                     self.ready[(w, b)] = x
                 self.q.observe(w.name, w.inner, x, None)
             w.quantize()
@@ -165,6 +171,15 @@ class _Sequencer:
         self.running += sum(len(arrivals) for arrivals in self.waiting.values())
         self.waiting.clear()
         self.cond.notify_all()
+
+    def _divide(self, batch: int, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """``x / s``, computed once for linears that read the same tensor (q/k/v, gate/up): one copy,
+        and the same tensor object, so GPTQ's per-batch Gram cache hits for the second reader on."""
+        last = self.divided.get(batch)
+        if last is None or last[0] is not x or last[1] is not s:
+            last = (x, s, (x.float() / s.to(x.device)).to(x.dtype))
+            self.divided[batch] = last
+        return last[2]
 
     def arrive(self, w: "_Wrapped", x: torch.Tensor) -> torch.Tensor:
         """Pause until ``w`` is quantized; returns the input to go on with (rescaled by an in-pass fold)."""
