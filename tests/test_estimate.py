@@ -184,9 +184,9 @@ def test_host_activations_give_the_same_model(tiny_llama) -> None:
     seen = []
     orig = runner._quantize_pass
 
-    def spy(q, block, prefix, linears, ctx, pipeline):
+    def spy(q, block, prefix, linears, ctx, pipeline, *rest):
         seen.append({t.device.type for t in ctx.inputs})
-        return orig(q, block, prefix, linears, ctx, pipeline)
+        return orig(q, block, prefix, linears, ctx, pipeline, *rest)
 
     runner._quantize_pass = spy
     try:
