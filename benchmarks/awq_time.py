@@ -70,8 +70,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     import ptqkit
-    from ptqkit.calibration.data import load_calibration, load_eval_ids
-    from ptqkit.evaluation.perplexity import evaluate_windows
+    from ptqkit.calibration.data import load_calibration
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from quantize_time import PeakRSS
@@ -101,11 +100,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                        "alphas": [m["alpha"] for m in st.get("mappings", [])]})
     out.update(blocks=blocks, capture_s=info["timings"].get("capture_s", 0.0), rss_before_mb=before,
                peak_rss_mb=mem.peak_mb, peak_increase_mb=mem.peak_mb - before)
-    if args.eval_windows:
-        ids = load_eval_ids("builtin", tok)
-        r = evaluate_windows(model, ids, seqlen=2048, baseline=base, max_windows=args.eval_windows, progress=False)
-        out.update(ppl_fp=r["ppl_fp"], ppl_q=r["ppl"], delta_pct=100 * (r["ppl"] - r["ppl_fp"]) / r["ppl_fp"],
-                   kl=r["kl"], top1=r["top1"], eval_windows=r["protocol"]["windows"])
+    out.update(score(model, base, tok, args.eval_windows))
     return out
 
 
@@ -152,27 +147,15 @@ def child_llmcompressor(args: argparse.Namespace) -> dict[str, Any]:
     import copy
 
     import torch
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier  # 0.14: AWQ is a transform before quantization
     from llmcompressor.pipelines.cache import IntermediatesCache
 
-    try:  # 0.14: AWQ is a transform; llmcompressor.modifiers.awq.AWQModifier is a deprecated shim making this pair
-        from llmcompressor.modifiers.transform.awq import AWQModifier
-    except ImportError:  # older releases: one modifier that also takes the quantization arguments
-        AWQModifier = None
+    import ptqkit
+    from ptqkit.calibration.data import load_calibration
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        import ptqkit
-    except ImportError:  # --llmc-python's environment lacks ptqkit: use this checkout
-        sys.path.insert(0, os.path.dirname(here))
-        import ptqkit
-    from ptqkit.calibration.data import load_calibration, load_eval_ids
-    from ptqkit.evaluation.perplexity import evaluate_windows
-
-    sys.path.insert(0, here)
-    from quantize_time import PeakRSS
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from quantize_time import llmc_weights, run_oneshot
 
     # Patch for a machine without an accelerator: before each mapping's grid search AWQModifier._apply_smoothing
     # calls IntermediatesCache.pin_memory on its cached block inputs, and torch's Tensor.pin_memory() needs an
@@ -186,41 +169,31 @@ def child_llmcompressor(args: argparse.Namespace) -> dict[str, Any]:
     base, tok = ptqkit.load_model("smollm2-135m")
     calib = load_calibration("builtin", tok, num_samples=args.samples, seqlen=args.seqlen, seed=args.seed)
     model = copy.deepcopy(base)
-    ids = calib.ids
-    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * ids.shape[1]] * ids.shape[0]})
-    weights: dict[str, Any] = {"num_bits": args.bits, "type": "int", "symmetric": args.sym,
-                               "strategy": "channel" if args.group_size == -1 else "group"}
-    if args.group_size != -1:
-        weights["group_size"] = args.group_size
-    quant = {"targets": ["Linear"], "ignore": ["lm_head"],
-             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}
-    if AWQModifier is not None:
-        awq = AWQModifier()
-        recipe: Any = [awq, QuantizationModifier(**quant)]
-    else:
-        from llmcompressor.modifiers.awq import AWQModifier as OldAWQModifier
-
-        awq = recipe = OldAWQModifier(**quant)
+    awq = AWQModifier()
+    quant = QuantizationModifier(targets=["Linear"], ignore=["lm_head"], config_groups={
+        "group_0": {"targets": ["Linear"], "weights": llmc_weights(args.bits, args.group_size, args.sym)}})
     out: dict[str, Any] = {"variant": "llmcompressor", "method": "llmcompressor AWQModifier + RTN",
                            "duo_scaling": awq.duo_scaling, "n_grid": awq.n_grid, "bits": args.bits,
                            "group_size": args.group_size, "sym": args.sym, "samples": args.samples,
                            "seqlen": args.seqlen, "calibration_fingerprint": calib.fingerprint,
                            "patched_pin_memory": not torch.accelerator.is_available()}
-    with PeakRSS() as mem:
-        before = mem.rss() / 2**20
-        t0 = time.perf_counter()
-        oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=ids.shape[0],
-                max_seq_length=ids.shape[1], batch_size=args.llmc_batch_size, shuffle_calibration_samples=False,
-                pipeline="sequential")
-        out["total_s"] = time.perf_counter() - t0
-    out.update(rss_before_mb=before, peak_rss_mb=mem.peak_mb, peak_increase_mb=mem.peak_mb - before,
-               quantized=qdq_levels(model, args.bits, args.group_size))
-    if args.eval_windows:
-        ids = load_eval_ids("builtin", tok)
-        r = evaluate_windows(model, ids, seqlen=2048, baseline=base, max_windows=args.eval_windows, progress=False)
-        out.update(ppl_fp=r["ppl_fp"], ppl_q=r["ppl"], delta_pct=100 * (r["ppl"] - r["ppl_fp"]) / r["ppl_fp"],
-                   kl=r["kl"], top1=r["top1"], eval_windows=r["protocol"]["windows"])
+    out.update(run_oneshot(model, calib.ids, [awq, quant], args.llmc_batch_size))
+    out["quantized"] = qdq_levels(model, args.bits, args.group_size)
+    out.update(score(model, base, tok, args.eval_windows))
     return out
+
+
+def score(model: Any, base: Any, tok: Any, windows: int) -> dict[str, Any]:
+    """ppl, Δ%, KL and top-1 against ``base`` on ``windows`` x 2048 tokens of the builtin eval split."""
+    if not windows:
+        return {}
+    from ptqkit.calibration.data import load_eval_ids
+    from ptqkit.evaluation.perplexity import evaluate_windows
+
+    r = evaluate_windows(model, load_eval_ids("builtin", tok), seqlen=2048, baseline=base, max_windows=windows,
+                         progress=False)
+    return {"ppl_fp": r["ppl_fp"], "ppl_q": r["ppl"], "delta_pct": 100 * (r["ppl"] - r["ppl_fp"]) / r["ppl_fp"],
+            "kl": r["kl"], "top1": r["top1"], "eval_windows": r["protocol"]["windows"]}
 
 
 def run_child(variant: str, argv: list[str], python: str = sys.executable) -> dict[str, Any]:

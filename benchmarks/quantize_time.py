@@ -136,33 +136,46 @@ def child_ptqkit(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def child_llmcompressor(args: argparse.Namespace) -> dict[str, Any]:
+def llmc_weights(bits: int, group_size: int, sym: bool) -> dict[str, Any]:
+    """llm-compressor's weight quantization arguments for ptqkit's grid (group -1: per channel)."""
+    w: dict[str, Any] = {"num_bits": bits, "type": "int", "symmetric": sym,
+                         "strategy": "channel" if group_size == -1 else "group"}
+    if group_size != -1:
+        w["group_size"] = group_size
+    return w
+
+
+def run_oneshot(model: Any, ids: Any, recipe: Any, batch_size: int) -> dict[str, float]:
+    """llm-compressor's ``oneshot`` on ptqkit's calibration ids ``[N, L]`` (sequential pipeline, no
+    shuffling): wall time and peak RSS."""
     from datasets import Dataset
     from llmcompressor import oneshot
+
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * ids.shape[1]] * ids.shape[0]})
+    with PeakRSS() as mem:
+        before = mem.rss() / 2**20
+        t0 = time.perf_counter()
+        oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=ids.shape[0],
+                max_seq_length=ids.shape[1], batch_size=batch_size, shuffle_calibration_samples=False,
+                pipeline="sequential")
+        total = time.perf_counter() - t0
+    return {"total_s": total, "rss_before_mb": before, "peak_rss_mb": mem.peak_mb,
+            "peak_increase_mb": mem.peak_mb - before}
+
+
+def child_llmcompressor(args: argparse.Namespace) -> dict[str, Any]:
     from llmcompressor.modifiers.quantization import GPTQModifier
     from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 
     model, tok, calib = load(args)
-    ids = calib.ids
-    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * ids.shape[1]] * ids.shape[0]})
-    weights = {"num_bits": args.bits, "type": "int", "symmetric": True,
-               "strategy": "channel" if args.group_size == -1 else "group"}
-    if args.group_size != -1:
-        weights["group_size"] = args.group_size
+    weights = llmc_weights(args.bits, args.group_size, sym=True)
     recipe: Any = GPTQModifier(targets="Linear", ignore=["lm_head"], actorder=args.llmc_actorder,
                                config_groups={"group_0": {"targets": ["Linear"], "weights": weights}})
     if args.smoothquant is not None:  # its default Llama mappings: input norm -> q/k/v, post-attention norm -> gate/up
         recipe = [SmoothQuantModifier(smoothing_strength=args.smoothquant),
                   GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"], actorder=args.llmc_actorder)]
     out: dict[str, Any] = {"tool": "llmcompressor", "actorder": args.llmc_actorder, "smoothquant": args.smoothquant}
-    with PeakRSS() as mem:
-        before = mem.rss() / 2**20
-        t0 = time.perf_counter()
-        oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=ids.shape[0],
-                max_seq_length=ids.shape[1], batch_size=args.llmc_batch_size, shuffle_calibration_samples=False,
-                pipeline="sequential")
-        out["total_s"] = time.perf_counter() - t0
-    out.update(rss_before_mb=before, peak_rss_mb=mem.peak_mb, peak_increase_mb=mem.peak_mb - before)
+    out.update(run_oneshot(model, calib.ids, recipe, args.llmc_batch_size))
     out["ppl_q"] = perplexity(model, tok, args.eval_windows)
     return out
 

@@ -115,16 +115,17 @@ def test_quantize_per_tensor_clamps() -> None:
     assert q.tolist() == [[-127, -50, 26, 127]]
 
 
+@pytest.mark.parametrize("k", [48, 1536])  # one exact fp32 GEMM on a CPU, and int32 sums of chunks
 @pytest.mark.parametrize("static", [False, True])
-def test_w8a8_linear_matches_integer_computation(static: bool) -> None:
+def test_w8a8_linear_matches_integer_computation(static: bool, k: int) -> None:
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 5, 48, generator=g)
-    w = torch.randint(-128, 128, (20, 48), dtype=torch.int8, generator=g)
+    x = torch.randn(2, 5, k, generator=g)
+    w = torch.randint(-128, 128, (20, k), dtype=torch.int8, generator=g)
     ws = torch.rand(20, generator=g) / 100
     bias = torch.randn(20, generator=g)
     s_in = torch.tensor(0.02) if static else None
     y = reference.w8a8_linear(x, w, ws, bias, s_in)
-    x2 = x.reshape(-1, 48)
+    x2 = x.reshape(-1, k)
     if static:
         xq, xs = reference.quantize_per_tensor(x2, s_in), s_in.double()
     else:
@@ -133,6 +134,8 @@ def test_w8a8_linear_matches_integer_computation(static: bool) -> None:
     expect = (int64_matmul(xq, w).double() * xs * ws.double()[None] + bias.double()).reshape(2, 5, 20)
     assert y.shape == (2, 5, 20)
     assert torch.allclose(y.double(), expect, rtol=1e-6, atol=1e-6)
+    acc = reference._int8_matmul_fp32(xq, w)
+    assert torch.equal(acc, int64_matmul(xq, w).float())     # the accumulator itself: integers, exactly
 
 
 @pytest.mark.parametrize("activations", ["dynamic", "static"])

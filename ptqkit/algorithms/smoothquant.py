@@ -214,14 +214,15 @@ class SmoothQuant(Transform):
     def _module(block: nn.Module, ctx: Any, name: str) -> nn.Module:
         """The float (or, for an already quantized producer, the current) module behind ``name``,
         looking through the runner's wrappers during an in-pass fold."""
-        live = ctx.live.get(name) if getattr(ctx, "live", None) else None
+        live = ctx.live.get(name)
         return live.inner if live is not None else _submodule(block, name, ctx)
 
-    def _group(self, block: nn.Module, ctx: Any, m: Mapping) -> _Group | None:
+    def _group(self, block: nn.Module, ctx: Any, m: Mapping, act_max: torch.Tensor | None = None) -> _Group | None:
+        """``m`` resolved; its input maxima from the observe pass, or ``act_max`` (in-pass)."""
         prev = self._module(block, ctx, m.prev)
         linears = tuple(self._module(block, ctx, n) for n in m.linears)
         k = linears[0].in_features
-        if isinstance(prev, nn.Linear) or m.prev in getattr(ctx, "live", {}):
+        if isinstance(prev, nn.Linear) or m.prev in ctx.live:
             if self.config.linear_alpha is None:
                 return None
             if prev.out_features != k:  # e.g. v -> o under grouped-query attention: no one-to-one fold
@@ -238,11 +239,12 @@ class SmoothQuant(Transform):
         quantized = tuple(n for n in m.linears if n in ctx.linears)
         if not quantized:  # every reader stays in full precision: nothing to smooth for
             return None
-        stats = [self._act_max[f"{ctx.prefix}.{n}"] for n in quantized if f"{ctx.prefix}.{n}" in self._act_max]
-        if not stats:
-            log.warning("%s.%s: no calibration input reached %s; not smoothed", ctx.prefix, m.prev, quantized)
-            return None
-        act_max = torch.stack(stats).amax(dim=0)
+        if act_max is None:
+            stats = [self._act_max[f"{ctx.prefix}.{n}"] for n in quantized if f"{ctx.prefix}.{n}" in self._act_max]
+            if not stats:
+                log.warning("%s.%s: no calibration input reached %s; not smoothed", ctx.prefix, m.prev, quantized)
+                return None
+            act_max = torch.stack(stats).amax(dim=0)
         w_max = weight_absmax([self._module(block, ctx, n).weight for n in quantized])
         return _Group(m.prev, prev, kind, tuple(m.linears), linears, quantized, act_max, w_max)
 
@@ -272,11 +274,7 @@ class SmoothQuant(Transform):
         g = None
         if m is not None:
             done.add(m.prev)
-            keys = [f"{ctx.prefix}.{n}" for n in m.linears if n in ctx.linears]
-            self._act_max.update({k: act_max for k in keys})
-            g = self._group(block, ctx, m)
-            for k in keys:
-                del self._act_max[k]
+            g = self._group(block, ctx, m, act_max)
         if g is None:
             if name not in self._in_pass_smoothed:
                 self._record_unsmoothed(f"{ctx.prefix}.{name}", act_max)

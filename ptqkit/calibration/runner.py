@@ -135,10 +135,9 @@ class _Sequencer:
                  at_barrier: Callable[[str, list[torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
         self.q, self.n, self.observe_only = quantizer, n, observe_only
         # in-pass transforms: (linear, its inputs in batch order) -> {reader: s} whose inputs this pass
-        # must divide by s (they were computed before the transform folded s into their producer)
+        # must divide by s (every batch computed them before the transform folded s into their producer)
         self.at_barrier = at_barrier
-        self.divisors: dict[str, tuple[torch.Tensor, set[int]]] = {}
-        self.ready: dict[tuple["_Wrapped", int], torch.Tensor] = {}  # the input each woken thread goes on with
+        self.divisors: dict[str, torch.Tensor] = {}  # reader (short name) -> s
         self.divided: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # batch -> (x, s, x / s)
         self.cond = threading.Condition()
         self.running = 0
@@ -158,23 +157,22 @@ class _Sequencer:
                     raise RuntimeError(            # are elsewhere and would miss the division
                         f"{w.name}: an in-pass fold needs every calibration batch at this linear, "
                         f"{len(arrivals)} of {self.n} reached it; use pipeline='two-pass'")
-                for reader, s in folds.items():
-                    self.divisors[reader] = (s, {b for b, _ in arrivals})
-            s, batches = self.divisors.get(w.short, (None, set()))
+                self.divisors.update(folds)
             for b, x in arrivals:
-                if b in batches:
-                    x = self._divide(b, x, s)
-                    self.ready[(w, b)] = x
-                self.q.observe(w.name, w.inner, x, None)
+                self.q.observe(w.name, w.inner, self._input(w, b, x), None)
             w.quantize()
         # the woken threads count as running from now on, before they get the lock back
         self.running += sum(len(arrivals) for arrivals in self.waiting.values())
         self.waiting.clear()
         self.cond.notify_all()
 
-    def _divide(self, batch: int, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """``x / s``, computed once for linears that read the same tensor (q/k/v, gate/up): one copy,
-        and the same tensor object, so GPTQ's per-batch Gram cache hits for the second reader on."""
+    def _input(self, w: "_Wrapped", batch: int, x: torch.Tensor) -> torch.Tensor:
+        """What ``w`` reads from batch ``batch``: ``x``, or ``x / s`` after an in-pass fold, computed
+        once for linears that read the same tensor (q/k/v, gate/up) and for the woken thread: one
+        copy, and the same tensor object, so GPTQ's per-batch Gram cache hits for the second reader on."""
+        s = self.divisors.get(w.short)
+        if s is None:
+            return x
         last = self.divided.get(batch)
         if last is None or last[0] is not x or last[1] is not s:
             last = (x, s, (x.float() / s.to(x.device)).to(x.dtype))
@@ -196,7 +194,7 @@ class _Sequencer:
             self.cond.wait_for(lambda: w.done or self.error is not None)
         if self.error is not None:
             raise RuntimeError("another calibration batch failed") from self.error
-        return self.ready.pop((w, self.local.batch), x)
+        return self._input(w, self.local.batch, x)
 
     def run(self, fn: Callable[[int], torch.Tensor], count: int) -> list[torch.Tensor]:
         results: list[Any] = [None] * count

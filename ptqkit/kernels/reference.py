@@ -98,11 +98,20 @@ def int8_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
         return (a.double() @ b_t.double().t()).to(torch.int32)
     if not _fp32_matmul_is_ieee():
         return (a.double() @ b_t.double().t()).to(torch.int32)
-    acc = None
+    acc = torch.zeros(m, n, dtype=torch.int32, device=a.device)
     for k0 in range(0, k, FP32_EXACT_K):
         part = a[:, k0:k0 + FP32_EXACT_K].float() @ b_t[:, k0:k0 + FP32_EXACT_K].float().t()  # [M, N], exact integers
-        acc = part.to(torch.int32) if acc is None else acc.add_(part.to(torch.int32))
-    return acc if acc is not None else torch.zeros(m, n, dtype=torch.int32, device=a.device)
+        acc += part.to(torch.int32)
+    return acc
+
+
+def _int8_matmul_fp32(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """:func:`int8_matmul` converted to fp32 for the epilogue; on a CPU with at most one
+    :data:`FP32_EXACT_K` chunk that is the fp32 GEMM itself (its sums are exact integers), without
+    the int32 round trip."""
+    if not a.is_cuda and a.shape[-1] <= FP32_EXACT_K and _fp32_matmul_is_ieee():
+        return a.float() @ b_t.float().t()
+    return int8_matmul(a, b_t).float()
 
 
 def w8a8_linear(
@@ -120,10 +129,7 @@ def w8a8_linear(
         xq, xs = quantize_per_token(x2)
     else:
         xq, xs = quantize_per_tensor(x2, input_scale), input_scale.float().reshape(1, 1)
-    if not x2.is_cuda and x2.shape[-1] <= FP32_EXACT_K and _fp32_matmul_is_ieee():
-        acc = xq.float() @ qweight.float().t()                     # [M, N]: one chunk, exact integers in fp32
-    else:
-        acc = int8_matmul(xq, qweight).float()                     # [M, N] int32 -> fp32, as the epilogue does
+    acc = _int8_matmul_fp32(xq, qweight)                           # [M, N]
     y = acc.mul_(xs).mul_(weight_scale.float()[None, :])           # in place: same products, no temporaries
     if bias is not None:
         y = y.add_(bias.float())
