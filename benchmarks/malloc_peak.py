@@ -1,0 +1,55 @@
+"""Peak host memory of a SmolLM2 calibration run against ``ptqkit estimate``, under glibc settings.
+
+    python benchmarks/malloc_peak.py                                   # GPTQ W4 g64, 16 x 256 tokens
+    MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=1048576 python benchmarks/malloc_peak.py
+
+Prints the RSS high-water mark above the paged-in model (``/proc/self/status``: VmHWM, reset
+through ``/proc/self/clear_refs``), the anonymous RSS growth after the run and after
+``malloc_trim(0)`` (memory malloc held but no tensor used), and the estimate's prediction. Linux
+and glibc only; one thread, so runs compare with each other on a busy machine.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import re
+
+import torch
+
+import ptqkit
+import ptqkit.estimate as E
+
+
+def status() -> dict[str, int]:
+    text = open("/proc/self/status").read()
+    return {k: int(re.search(k + r":\s+(\d+)", text).group(1)) // 1024 for k in ("VmRSS", "RssAnon", "VmHWM")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="gptq")
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    model, _ = ptqkit.load_model("smollm2-135m")
+    for prm in model.parameters():  # page the memory-mapped weights in before measuring
+        prm.detach().sum()
+    ids = torch.randint(0, model.config.vocab_size, (args.samples, args.seqlen),
+                        generator=torch.Generator().manual_seed(0))
+    with E.peak_rss() as r:
+        before = status()
+        ptqkit.quantize(model, args.method, calibration=ids, batch_size=args.batch_size, bits=4, group_size=64)
+    after = status()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trimmed = status()
+    est = E.estimate(E.ModelShape.from_config(E.load_config("smollm2-135m")), args.method, args.samples,
+                     args.seqlen, args.batch_size)
+    print(f"peak increase {r['peak'] / 2**20:.0f} MiB; anon after +{after['RssAnon'] - before['RssAnon']} MiB, "
+          f"after malloc_trim +{trimmed['RssAnon'] - before['RssAnon']} MiB; "
+          f"estimate {(est.host_peak - est.host_model) / 2**20:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
