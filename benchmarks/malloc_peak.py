@@ -1,7 +1,13 @@
-"""Peak host memory of a SmolLM2 calibration run against ``ptqkit estimate``, under glibc settings.
+"""Peak host memory (and wall time) of a SmolLM2 calibration run against ``ptqkit estimate``, under
+glibc settings.
 
-    python benchmarks/malloc_peak.py                                   # GPTQ W4 g64, 16 x 256 tokens
-    MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=1048576 python benchmarks/malloc_peak.py
+    python benchmarks/malloc_peak.py                          # GPTQ W4 g64, 16 x 256 tokens, ptqkit's tuning
+    PTQKIT_MALLOC_TUNE=0 python benchmarks/malloc_peak.py     # glibc's defaults
+    MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=1048576 PTQKIT_MALLOC_TUNE=0 python benchmarks/malloc_peak.py
+    python benchmarks/malloc_peak.py --samples 32 --seqlen 512 --threads 2   # the speed cost of the tuning
+
+ptqkit tunes glibc (``ptqkit.tune_malloc``: one arena, 1 MiB mmap threshold) when it is imported,
+unless ``PTQKIT_MALLOC_TUNE=0``; the environment variables do the same from the process start.
 
 Prints the RSS high-water mark above the paged-in model (``/proc/self/status``: VmHWM, reset
 through ``/proc/self/clear_refs``), the anonymous RSS growth after the run and after
@@ -13,11 +19,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import re
+import time
 
 import torch
 
 import ptqkit
 import ptqkit.estimate as E
+from ptqkit.calibration import host
 
 
 def status() -> dict[str, int]:
@@ -31,8 +39,9 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     model, _ = ptqkit.load_model("smollm2-135m")
     for prm in model.parameters():  # page the memory-mapped weights in before measuring
         prm.detach().sum()
@@ -40,12 +49,16 @@ def main() -> None:
                         generator=torch.Generator().manual_seed(0))
     with E.peak_rss() as r:
         before = status()
+        t = time.perf_counter()
         ptqkit.quantize(model, args.method, calibration=ids, batch_size=args.batch_size, bits=4, group_size=64)
+        wall = time.perf_counter() - t
     after = status()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     trimmed = status()
     est = E.estimate(E.ModelShape.from_config(E.load_config("smollm2-135m")), args.method, args.samples,
                      args.seqlen, args.batch_size)
+    print(f"{args.method} {args.samples} x {args.seqlen}, {args.threads} thread(s), malloc tuned by ptqkit: "
+          f"{host.tuned()}; quantize {wall:.1f} s")
     print(f"peak increase {r['peak'] / 2**20:.0f} MiB; anon after +{after['RssAnon'] - before['RssAnon']} MiB, "
           f"after malloc_trim +{trimmed['RssAnon'] - before['RssAnon']} MiB; "
           f"estimate {(est.host_peak - est.host_model) / 2**20:.0f} MiB")

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .calibration.host import tune_malloc  # noqa: E402
+
+tune_malloc()  # glibc: one malloc arena, 1 MiB mmap threshold (PTQKIT_MALLOC_TUNE=0 opts out; calibration/host.py)
+
 from .api import load, model_size_mb, quantize, save  # noqa: E402
 from .models import load_model  # noqa: E402
 from .registry import ALGORITHMS, register  # noqa: E402
@@ -15,4 +19,5 @@ def evaluate(*args, **kwargs):  # noqa: ANN002, ANN003
     return _evaluate(*args, **kwargs)
 
 
-__all__ = ["ALGORITHMS", "evaluate", "load", "load_model", "model_size_mb", "quantize", "register", "save"]
+__all__ = ["ALGORITHMS", "evaluate", "load", "load_model", "model_size_mb", "quantize", "register", "save",
+           "tune_malloc"]

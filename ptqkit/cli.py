@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default=None, help="where blocks run (cpu, cuda, cuda:1); default: the model's device")
     q.add_argument("--offload-activations", action="store_true",
                    help="keep block inputs/outputs on the host between blocks (models bigger than the device)")
+    q.add_argument("--offload-folder", default=None, metavar="DIR",
+                   help="model bigger than host memory: accelerate keeps what does not fit on disk here and the "
+                        "runner reads it in one block at a time")
+    q.add_argument("--max-host-memory", default=None, metavar="SIZE",
+                   help="with --offload-folder: host memory for the model's weights, e.g. 20GiB (default: what is free)")
     q.add_argument("--no-memory-check", action="store_true",
                    help="skip the check of the memory estimate (ptqkit estimate) against free memory")
     q.add_argument("--output", default=None, help="output directory (default ptqkit-out/<method>-w<bits>g<group>)")
@@ -204,9 +209,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 evaluates and prints
     times: dict[str, float] = {}
     t = time.perf_counter()
-    model, tok = load_model(args.model)
+    offload = {"offload_folder": args.offload_folder, "max_host_memory": args.max_host_memory}
+    if args.max_host_memory is not None and args.offload_folder is None:
+        raise SystemExit("--max-host-memory needs --offload-folder (the weights that do not fit go there)")
+    model, tok = load_model(args.model, **offload) if args.offload_folder else load_model(args.model)
     times["load"] = time.perf_counter() - t
-    baseline = None if args.no_eval or not main_rank else copy.deepcopy(model)
+    evaluate_fp = not args.no_eval and main_rank
+    # the unquantized model to compare with: a copy now, or (offloaded) a second offloaded load afterwards
+    baseline = copy.deepcopy(model) if evaluate_fp and not args.offload_folder else None
     size_fp = api.model_size_mb(model)
     t = time.perf_counter()
     api.quantize(model, method, tokenizer=tok, calibration=args.calibration, num_samples=args.num_samples,
@@ -216,6 +226,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     times["quantize"] = time.perf_counter() - t
     model.ptqkit_info["model"] = args.model
     rep = None
+    if evaluate_fp and args.offload_folder:
+        baseline, _ = load_model(args.model, offload_folder=Path(args.offload_folder) / "baseline",
+                                 max_host_memory=args.max_host_memory)
     if baseline is not None:
         from .evaluation import evaluate
 
@@ -265,12 +278,19 @@ def _add_estimate_parser(sub: Any) -> None:
     e.add_argument("--pipeline", default="sequential", choices=["sequential", "two-pass"])
     e.add_argument("--device", default="cpu", help="where blocks run (cpu, cuda:0)")
     e.add_argument("--offload-activations", action="store_true", help="block inputs/outputs on the host")
+    e.add_argument("--max-host-memory", default=None, metavar="SIZE",
+                   help="a disk-offloaded run (quantize --offload-folder) with this much of the weights in host memory")
 
 
 def _estimate_kw(args: argparse.Namespace, steps: Any) -> dict[str, Any]:
-    return dict(method=[s.name for s in steps], num_samples=args.num_samples, seqlen=args.seqlen,
-                batch_size=args.batch_size, pipeline=args.pipeline, device=args.device or "cpu",
-                offload_activations=args.offload_activations)
+    kw = dict(method=[s.name for s in steps], num_samples=args.num_samples, seqlen=args.seqlen,
+              batch_size=args.batch_size, pipeline=args.pipeline, device=args.device or "cpu",
+              offload_activations=args.offload_activations)
+    if getattr(args, "offload_folder", None) or (args.command == "estimate" and args.max_host_memory is not None):
+        from . import estimate
+
+        kw["host_weights_budget"] = estimate.parse_size(args.max_host_memory) if args.max_host_memory else 0
+    return kw
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
@@ -280,7 +300,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     shape = estimate.ModelShape.from_config(estimate.load_config(args.model))
     est = estimate.estimate(shape, **_estimate_kw(args, build_recipe(_method(args.method), {})))
     print(f"{args.model}: {args.method}, {args.num_samples} x {args.seqlen} tokens, batch {args.batch_size}, "
-          f"{args.pipeline}{', activations on the host' if args.offload_activations else ''}")
+          f"{args.pipeline}{', activations on the host' if args.offload_activations else ''}"
+          f"{f', weights on disk beyond {args.max_host_memory}' if args.max_host_memory is not None else ''}")
     print(est.table())
     return 0
 
@@ -294,10 +315,16 @@ def _memory_check(args: argparse.Namespace, steps: Any) -> None:
     except (OSError, ValueError) as e:  # no config to estimate from (e.g. a quantized checkpoint): run anyway
         log.info("memory estimate skipped: %s", e)
         return
-    # the unquantized copy kept for the evaluation doubles the model's weights on the host
-    est = estimate.check(shape, extra_host=0 if args.no_eval else shape.total_params() * 4, **_estimate_kw(args, steps))
+    # the unquantized copy kept for the evaluation doubles the model's weights on the host (offloaded: it
+    # loads after quantization, when the calibration run's memory is free again)
+    extra = 0 if args.no_eval or args.offload_folder else shape.total_params() * 4
+    est = estimate.check(shape, extra_host=extra, **_estimate_kw(args, steps))
     log.info("estimated peak memory: %s %.2f GiB, host %.2f GiB", est.device, est.device_peak / estimate.GIB,
              est.host_peak / estimate.GIB)
+    if args.offload_folder and args.max_host_memory is None:  # give the weights what the run leaves free
+        room = estimate.free_memory(args.device or "cpu")[0] - est.host_peak
+        args.max_host_memory = max(room, 0)
+        log.info("--max-host-memory %.2f GiB (free memory less the estimated run)", args.max_host_memory / estimate.GIB)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,9 +18,12 @@ size, ``e`` bytes per element:
 - **workspace**: quantizing the largest linear (GPTQ: fp32 weight copy, error and result buffers,
   the inverse Cholesky factor; RTN: a fp32 weight copy).
 
-On the host add the whole model's weights (the model stays there; on a CPU run the host *is* the
-device, and every term lands in host memory). ``check`` compares the estimate with free memory
-and names the knobs that would make a run fit.
+On the host add the whole model's weights (the model stays there; disk-offloaded: at most the
+``host_weights_budget``) and the quantized blocks as they accumulate (≈ 4 bits a weight). On a CPU
+run the host *is* the device, every term lands in host memory, and the batch threads' own buffers
+and a fixed overhead are added (``CPU_THREAD``, ``CPU_FIXED``; measured with glibc tuned as
+``import ptqkit`` does). ``check`` compares the estimate with free memory and names the knobs that
+would make a run fit.
 """
 from __future__ import annotations
 
@@ -39,11 +42,14 @@ log = logging.getLogger(__name__)
 
 GIB = 2**30
 GRAM_CACHE_BYTES = 256 * 2**20  # gptq.GRAM_CACHE_BYTES (the per-batch Σ x xᵀ cache)
-#: CPU runs (glibc malloc): every calibration batch of the sequential pipeline runs in its own thread,
-#: so its own malloc arena, and the RSS keeps each arena at that batch's own peak (not the live set at
-#: a pause). Values per calibration token, ``c_H·H + c_I·I + c_0``, measured on the tiny Llama
-#: (hidden 64/128, intermediate 160/480) and checked on other shapes and SmolLM2 (tests/test_estimate.py).
-CPU_PER_TOKEN = (8, 5, 180)
+#: CPU runs (glibc malloc tuned by ``ptqkit.tune_malloc``: one arena, 1 MiB mmap threshold): every
+#: calibration batch of the sequential pipeline runs in its own thread, and each thread costs about
+#: ``CPU_THREAD[0] + CPU_THREAD[1]·(H + I)`` bytes beyond the activations it holds (the BLAS's
+#: per-thread buffers grow with the matrices), plus ``CPU_FIXED`` once. Least-squares fit over 13
+#: measured peaks (tiny Llamas of hidden 64-128, SmolLM2-135M; 1-48 batches; docs/scaling.md); the fit
+#: put a coefficient of 1.00 on the live-set term, so that one stays exact.
+CPU_THREAD = (512 * 2**10, 7500)
+CPU_FIXED = 27 * 2**20
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,7 @@ class MemoryEstimate:
     host_model: int
     host_activations: int
     same_memory: bool  # the device is the host (CPU run): every part adds up in host memory
+    host_quantized: int = 0  # the quantized blocks, accumulating on the host next to the original weights
 
     @property
     def device_peak(self) -> int:
@@ -107,17 +114,18 @@ class MemoryEstimate:
 
     @property
     def host_peak(self) -> int:
-        return self.host_model + self.host_activations + (self.device_peak if self.same_memory else 0)
+        return (self.host_model + self.host_quantized + self.host_activations
+                + (self.device_peak if self.same_memory else 0))
 
     def table(self) -> str:
         rows = [("block weights", self.block_weights), ("activations", self.activations),
                 ("statistics", self.statistics), ("workspace", self.workspace),
                 (f"peak on {self.device}", self.device_peak)]
+        rows += [("host: model weights", self.host_model), ("host: quantized blocks", self.host_quantized)]
         if not self.same_memory:
-            rows += [("host: model weights", self.host_model), ("host: block inputs/outputs", self.host_activations),
-                     ("peak on host", self.host_peak)]
+            rows += [("host: block inputs/outputs", self.host_activations), ("peak on host", self.host_peak)]
         else:
-            rows += [("host: model weights", self.host_model), ("peak on host (device is the host)", self.host_peak)]
+            rows += [("peak on host (device is the host)", self.host_peak)]
         w = max(len(r[0]) for r in rows)
         return "\n".join(f"{name:<{w}}  {b / GIB:10.3f} GiB" for name, b in rows)
 
@@ -155,8 +163,13 @@ def estimate(
     device: str = "cpu",
     offload_activations: bool = False,
     dtype: torch.dtype = torch.float32,
+    host_weights_budget: int | None = None,
 ) -> MemoryEstimate:
-    """Peak memory of ``ptqkit.quantize`` with these settings (see the module docstring)."""
+    """Peak memory of ``ptqkit.quantize`` with these settings (see the module docstring).
+
+    ``host_weights_budget``: the model is disk-offloaded (``--offload-folder``) with at most this many
+    bytes of its weights in host memory (0: only what lies outside the decoder blocks); the quantized
+    blocks (≈ 4 bits per weight) accumulate next to it."""
     for name, v in (("num_samples", num_samples), ("seqlen", seqlen), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}={v!r} must be a positive integer")
@@ -173,13 +186,13 @@ def estimate(
     block = s.block_params() * e + s.linear_params() * e + s.linear_params() // 2  # fp, dequantized, packed
     live = max(3 * h + 2 * s.kv_dim, 2 * h + i)           # values per token alive at the worst pause
     transient = per_batch * (h + i) * e                   # the batch that computes meanwhile
-    c_h, c_i, c_0 = CPU_PER_TOKEN
-    arena = (c_h * h + c_i * i + c_0) * e                 # CPU: a batch's own peak per token, io included
+    threads = (batches if pipeline == "sequential" else 1) * (CPU_THREAD[0] + CPU_THREAD[1] * (h + i))
     if data_free:
         inout, inter = 0, 0
-    elif same:
-        inout = 0                                         # part of ``arena`` (and of the batch peaks)
-        inter = tokens * arena if pipeline == "sequential" else 2 * tokens * h * e + 2 * per_batch * arena
+    elif same:  # the host: inputs, and the live set of every paused batch (sequential) or of one (two-pass)
+        inout = 0
+        held = tokens if pipeline == "sequential" else per_batch
+        inter = tokens * h * e * (1 if pipeline == "sequential" else 2) + held * live * e + transient + threads + CPU_FIXED
     else:
         inout = 2 * tokens * h * e                        # block inputs + outputs
         inter = (tokens if pipeline == "sequential" else per_batch) * live * e + transient
@@ -193,7 +206,27 @@ def estimate(
     on_host = offload_activations and not same
     return MemoryEstimate(
         device=str(device), block_weights=block, activations=inter + (0 if on_host else inout), statistics=stats,
-        workspace=work, host_model=s.total_params() * e, host_activations=inout if on_host else 0, same_memory=same)
+        workspace=work, host_model=_host_weights(s, e, host_weights_budget),
+        host_activations=inout if on_host else 0, same_memory=same,
+        host_quantized=s.layers * s.linear_params() // 2)
+
+
+def _host_weights(s: ModelShape, e: int, budget: int | None) -> int:
+    full = s.total_params() * e
+    if budget is None:
+        return full
+    outside = (s.total_params() - s.layers * s.block_params()) * e
+    return min(full, max(budget, outside))
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from ``20GiB``, ``500MB`` or an integer (accelerate's ``max_memory`` notation)."""
+    from accelerate.utils import convert_file_size_to_int
+
+    try:
+        return int(convert_file_size_to_int(size))
+    except ValueError as e:
+        raise ValueError(f"{size!r} is not a memory size: write e.g. 20GiB or 500MB") from e
 
 
 def free_memory(device: str) -> tuple[int, int | None]:
@@ -236,6 +269,10 @@ def suggest(shape: ModelShape, kw: dict[str, Any], host_free: int, dev_free: int
         if _fits(estimate(shape, **{**kw, "num_samples": n}), host_free, dev_free):
             out.append(f"--num-samples {n}")
             break
+    if kw.get("host_weights_budget") is None:  # the slowest change: read the blocks from disk in turn
+        room = host_free - estimate(shape, **{**kw, "host_weights_budget": 0}).host_peak
+        if room > 0 and _fits(estimate(shape, **{**kw, "host_weights_budget": room}), host_free, dev_free):
+            out.append(f"--offload-folder DIR --max-host-memory {room // 2**20}MiB")
     return out
 
 

@@ -204,11 +204,19 @@ def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    offload_folder: str | os.PathLike | None = None,
+    max_host_memory: int | str | None = None,
 ) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from the default ``smollm2-135m``, a ``.gguf`` file, a local HF
     directory or a hub id (when online). A quantized checkpoint directory in any format ptqkit
     reads (native, GPTQ, AWQ, compressed-tensors; ``ptqkit.formats.detect``) loads as ptqkit
-    layers in ``dtype``."""
+    layers in ``dtype``.
+
+    ``offload_folder``: a model bigger than host memory loads through accelerate's disk offload
+    (``device_map="auto"`` over the host only, at most ``max_host_memory``, e.g. ``"20GiB"``; default:
+    what accelerate finds free); what does not fit stays on disk and the calibration runner reads it in
+    one block at a time. The model stays on the host (``device`` is ignored).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
@@ -217,14 +225,24 @@ def load_model(
 
         if formats.detect(path) is not None:
             return formats.load(path, device=device, dtype=dtype), _checkpoint_tokenizer(path)
+    kw: dict[str, Any] = {}
+    if offload_folder is not None:
+        from accelerate.utils import get_max_memory
+
+        budget = max_host_memory if max_host_memory is not None else get_max_memory()["cpu"]
+        kw = {"device_map": "auto", "offload_folder": str(offload_folder), "max_memory": {"cpu": budget}}
+    elif max_host_memory is not None:
+        raise ValueError("max_host_memory needs offload_folder: the weights that do not fit go there")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
         tok = AutoTokenizer.from_pretrained(path)
     except OSError as e:
         raise FileNotFoundError(
             f"could not load model {name_or_path!r} ({e}); offline, use '{DEFAULT_MODEL}', a local directory or a .gguf file"
         ) from e
-    model.eval().to(device)
+    model.eval()
+    if offload_folder is None:
+        model.to(device)
     model.config.use_cache = False
     return model, tok
 

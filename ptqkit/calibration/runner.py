@@ -38,6 +38,7 @@ from ..algorithms.base import Algorithm, Quantizer, Transform
 from ..layers import QuantLinear, divide_rows_
 from ..nested import block_output, to_device
 from ..models import Architecture, architecture, find_blocks, find_linears, set_submodule
+from . import host
 from .data import CalibrationSet
 
 log = logging.getLogger(__name__)
@@ -318,11 +319,14 @@ def _quantize_pass(q: Quantizer, block: nn.Module, prefix: str, linears: dict[st
     return outs
 
 
-def quantize_data_free(model: nn.Module, quantizer: Quantizer, ignore: list[str] | None) -> None:
+def quantize_data_free(model: nn.Module, quantizer: Quantizer, ignore: list[str] | None,
+                       offloaded: host.WeightsMaps | None = None) -> None:
     """Quantize every linear of the decoder blocks without calibration data (RTN)."""
     path, blocks = find_blocks(model)
     for i, block in enumerate(tqdm(blocks, desc=f"{quantizer.name}: blocks", unit="block")):
         prefix = f"{path}.{i}."
+        if offloaded:
+            host.load_offloaded_(block, offloaded)
         for name, m in find_linears(block, ignore, prefix).items():
             set_submodule(block, name, quantizer.quantize(prefix + name, m))
 
@@ -340,7 +344,8 @@ def run(
     """Apply a recipe (transforms then one quantizer) block by block; returns timing facts.
 
     ``device``: where each block runs (default: where the model is). ``offload_activations``
-    keeps block inputs on the host between blocks (for models bigger than the device).
+    keeps block inputs on the host between blocks (for models bigger than the device). A model
+    offloaded to disk by accelerate is read in one block at a time (:mod:`.host`).
     """
     if pipeline not in PIPELINES:
         raise ValueError(f"pipeline={pipeline!r}: choose one of {PIPELINES}")
@@ -354,16 +359,18 @@ def run(
             "use pipeline='sequential'")
     if not getattr(quantizer.config, "true_sequential", True):
         pipeline = "two-pass"  # every linear observed with fp predecessors, as in GPTQ without true-sequential
-    home = next(model.parameters()).device
+    if calib is None and any(s.needs_data for s in steps):
+        raise ValueError(f"{[s.name for s in steps]} need calibration data: pass calibration=...")
+    path, blocks = find_blocks(model)
+    offloaded = host.detach_offload(model, blocks)
+    home = torch.device("cpu") if offloaded else next(model.parameters()).device
     device = torch.device(device) if device is not None else home
-    info: dict[str, Any] = {"blocks": [], "pipeline": pipeline}
+    info: dict[str, Any] = {"blocks": [], "pipeline": pipeline, "disk_offload": bool(offloaded)}
     if not any(s.needs_data for s in steps):
         t = time.perf_counter()
-        quantize_data_free(model, quantizer, ignore)
+        quantize_data_free(model, quantizer, ignore, offloaded)
         info["quantize_s"] = time.perf_counter() - t
         return info
-    if calib is None:
-        raise ValueError(f"{[s.name for s in steps]} need calibration data: pass calibration=...")
 
     if distributed.init_from_env(device):  # torchrun: this rank calibrates on its contiguous shard
         device = distributed.local_device(device)
@@ -372,7 +379,8 @@ def run(
                                "samples_per_rank": distributed.all_gather_int(len(calib.ids))}
         log.info("rank %d calibrates on %d of %d samples", distributed.rank(), len(calib.ids),
                  sum(info["distributed"]["samples_per_rank"]))
-    path, blocks = find_blocks(model)
+    if device.type == "cpu":
+        info["malloc_tuned"] = host.tune_malloc()
     arch = architecture(model)
     store = torch.device("cpu") if offload_activations else device
     t0 = time.perf_counter()
@@ -381,6 +389,8 @@ def run(
     for i, block in enumerate(tqdm(blocks, desc=f"{'+'.join(s.name for s in steps)}: blocks", unit="block")):
         tb = time.perf_counter()
         prefix = f"{path}.{i}."
+        if offloaded:
+            host.load_offloaded_(block, offloaded)
         block.to(device)
         linears = find_linears(block, ignore, prefix)
         ctx = BlockContext(i, prefix[:-1], linears, inputs, kwargs, device, arch, quantizer.config)

@@ -24,7 +24,8 @@ CHUNK = 256  # positions per log-softmax chunk: 256 x 49152 fp32 = 50 MB per ten
 
 
 def _device_of(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
+    # a disk-offloaded (accelerate) model has meta parameters; its hooks move inputs where they compute
+    param = next((p for p in model.parameters() if p.device.type != "meta"), None)
     return param.device if param is not None else torch.device("cpu")
 
 

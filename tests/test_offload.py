@@ -1,0 +1,171 @@
+"""Models bigger than host memory: accelerate's disk offload, read in one block at a time (issue 9)."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import ptqkit
+import ptqkit.estimate as E
+from ptqkit import cli
+from ptqkit.calibration import host, runner
+from ptqkit.models import load_model
+
+from conftest import tiny_llama_config
+
+
+def _ids(n: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A saved 3-block tiny Llama with a tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    from test_calibration_data import byte_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(num_hidden_layers=3)).save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return d
+
+
+def _offloaded(path: Path, folder: Path) -> nn.Module:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(path, device_map="auto", offload_folder=str(folder),
+                                             max_memory={"cpu": 1000})  # 1 kB: every weight on disk
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "smoothquant"])
+def test_disk_offloaded_model_gives_the_same_codes_one_block_at_a_time(tiny_dir, tmp_path, method) -> None:
+    from transformers import LlamaForCausalLM
+
+    ref = LlamaForCausalLM.from_pretrained(tiny_dir).eval()
+    model = _offloaded(tiny_dir, tmp_path / "off")
+    assert all(p.device.type == "meta" for p in model.model.layers.parameters())  # really on disk
+    read_in = []  # per calibrated block: which blocks hold real weights at that moment
+    orig = host.load_offloaded_
+
+    def spy(module, maps, device="cpu"):
+        orig(module, maps, device)
+        if module in list(model.model.layers):
+            read_in.append([all(p.device.type != "meta" for p in b.parameters()) for b in model.model.layers])
+
+    host.load_offloaded_ = spy
+    try:
+        ids, kw = _ids(4, 16), {} if method == "smoothquant" else {"group_size": 32}
+        ptqkit.quantize(ref, method, calibration=ids, batch_size=2, **kw)
+        ptqkit.quantize(model, method, calibration=ids, batch_size=2, **kw)
+    finally:
+        host.load_offloaded_ = orig
+    # block i is read from disk when its turn comes: the later ones are still on disk then
+    assert read_in == [[True, False, False], [True, True, False], [True, True, True]]
+    assert model.ptqkit_info["timings"]["quantize_s"] > 0
+    assert not any(p.device.type == "meta" for p in model.parameters())
+    assert not any(hasattr(m, "_hf_hook") for m in model.modules())  # a plain host model afterwards
+    want, got = ref.state_dict(), model.state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    x = _ids(1, 16, seed=1)
+    assert torch.equal(ref(x).logits, model(x).logits)
+
+
+def test_tied_head_stays_tied_after_reading_in(tmp_path) -> None:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)).save_pretrained(tmp_path / "m")
+    model = _offloaded(tmp_path / "m", tmp_path / "off")
+    ptqkit.quantize(model, "gptq", calibration=_ids(4, 16), batch_size=2, group_size=32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.lm_head.weight.device.type == "cpu"
+    assert torch.isfinite(model(_ids(1, 8)).logits).all()
+
+
+def test_meta_weights_without_an_offload_hook_are_refused(tiny_llama) -> None:
+    tiny_llama.model.layers[1].to("meta")
+    with pytest.raises(ValueError, match="meta device with no offload hook"):
+        ptqkit.quantize(tiny_llama, "gptq", calibration=_ids(4, 16), batch_size=2)
+
+
+def test_load_model_offloads_and_checks_its_arguments(tiny_dir, tmp_path) -> None:
+    model, tok = load_model(tiny_dir, offload_folder=tmp_path / "off", max_host_memory=1000)
+    assert tok is not None
+    assert any(p.device.type == "meta" for p in model.parameters())
+    ids = _ids(1, 8)
+    from transformers import LlamaForCausalLM
+
+    ref = LlamaForCausalLM.from_pretrained(tiny_dir).eval()
+    assert torch.allclose(model(ids).logits, ref(ids).logits, atol=1e-6)  # the hooks read from disk
+    with pytest.raises(ValueError, match="needs offload_folder"):
+        load_model(tiny_dir, max_host_memory="1GiB")
+
+
+def test_cli_quantize_offloaded_evaluates_and_saves(tiny_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "q"
+    assert cli.main(["quantize", "--model", str(tiny_dir), "--method", "gptq", "--num-samples", "4",
+                     "--seqlen", "32", "--batch-size", "2", "--group-size", "32", "--offload-folder",
+                     str(tmp_path / "off"), "--max-host-memory", "1KB", "--eval-seqlen", "64",
+                     "--max-eval-windows", "2", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "ppl" in text.lower() and "saved to" in text
+    again = ptqkit.load(out)
+    assert torch.isfinite(again(_ids(1, 8)).logits).all()
+
+
+def test_estimate_of_an_offloaded_run_and_the_suggestion(monkeypatch: pytest.MonkeyPatch) -> None:
+    shape = E.ModelShape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128,
+                         vocab=128256, tied=False)
+    full = E.estimate(shape, "gptq", 128, 2048, device="cuda:0")
+    off = E.estimate(shape, "gptq", 128, 2048, device="cuda:0", host_weights_budget=8 * E.GIB)
+    assert full.host_model == shape.total_params() * 4
+    packed = shape.layers * shape.linear_params() // 2
+    assert off.host_model == 8 * E.GIB and off.host_quantized == full.host_quantized == packed
+    assert off.device_peak == full.device_peak  # the device side does not change
+    floor = E.estimate(shape, "gptq", 128, 2048, device="cuda:0", host_weights_budget=0)
+    assert floor.host_model == 2 * shape.vocab * shape.hidden * 4 + shape.hidden * 4  # embeddings, head, norm
+    # 20 GiB of host memory: the 30 GiB fp32 model does not fit, disk offload does
+    monkeypatch.setattr(E, "free_memory", lambda device: (20 * E.GIB, 80 * E.GIB))
+    with pytest.raises(MemoryError, match=r"--offload-folder DIR --max-host-memory \d+MiB"):
+        E.check(shape, method="gptq", num_samples=128, seqlen=2048, device="cuda:0")
+    assert E.parse_size("2GiB") == 2 * E.GIB
+    with pytest.raises(ValueError, match="not a memory size"):
+        E.parse_size("lots")
+
+
+def test_malloc_tuning_opt_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(host, "_tuned", False)
+    monkeypatch.setenv("PTQKIT_MALLOC_TUNE", "0")
+    assert host.tune_malloc() is False
+    monkeypatch.setenv("PTQKIT_MALLOC_TUNE", "lots")
+    with pytest.raises(ValueError, match="PTQKIT_MALLOC_TUNE='lots'"):
+        host.tune_malloc()
+    monkeypatch.delenv("PTQKIT_MALLOC_TUNE")
+    import sys
+
+    assert host.tune_malloc() is sys.platform.startswith("linux")
+    assert host.tuned() is sys.platform.startswith("linux")
+
+
+
+def test_cli_estimate_of_a_disk_offloaded_run(tmp_path, capsys) -> None:
+    tiny_llama_config(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16).save_pretrained(tmp_path)  # a config alone: no weights anywhere
+    assert cli.main(["estimate", "--model", str(tmp_path), "--num-samples", "8", "--seqlen", "64"]) == 0
+    full = capsys.readouterr().out
+    assert cli.main(["estimate", "--model", str(tmp_path), "--num-samples", "8", "--seqlen", "64",
+                     "--max-host-memory", "1KB"]) == 0
+    off = capsys.readouterr().out
+    assert "weights on disk beyond 1KB" in off
+
+    def host_weights(text: str) -> float:
+        return float(next(line for line in text.splitlines() if "host: model weights" in line).split()[-2])
+
+    assert host_weights(off) < host_weights(full)
