@@ -4,8 +4,10 @@ runs the fit never saw (docs/scaling.md tables).
     python benchmarks/estimate_check.py               # all 18 runs (~15 min on 2 cores)
     python benchmarks/estimate_check.py --held-out    # only the 5 the fit never saw
 
-Each run quantizes in a fresh interpreter with one thread (``tests/test_estimate.py::_measure``)
-and reports the RSS high-water mark over the paged-in model against ``host_peak - host_model``.
+Each run quantizes in a fresh interpreter with one thread and the lean allocator
+(``PTQKIT_MALLOC_TUNE=lean``, what the runner takes when memory is tight;
+``tests/test_estimate.py::_measure``) and reports the RSS high-water mark over the paged-in model
+against ``host_peak - host_model``.
 """
 from __future__ import annotations
 

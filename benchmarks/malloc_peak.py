@@ -1,18 +1,17 @@
 """Peak host memory (and wall time) of a SmolLM2 calibration run against ``ptqkit estimate``, under
 glibc settings.
 
-    python benchmarks/malloc_peak.py                          # GPTQ W4 g64, 16 x 256 tokens, ptqkit's tuning
+    python benchmarks/malloc_peak.py                          # GPTQ W4 g64, 16 x 256 tokens, ptqkit's default
+    PTQKIT_MALLOC_TUNE=lean python benchmarks/malloc_peak.py  # one arena + 1 MiB mmap threshold: the estimate's
     PTQKIT_MALLOC_TUNE=0 python benchmarks/malloc_peak.py     # glibc's defaults
     MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=1048576 PTQKIT_MALLOC_TUNE=0 python benchmarks/malloc_peak.py
-    python benchmarks/malloc_peak.py --samples 32 --seqlen 512 --threads 2   # the speed cost of the tuning
+    python benchmarks/malloc_peak.py --samples 32 --seqlen 512 --threads 2   # with timing that means something
 
-ptqkit tunes glibc (``ptqkit.tune_malloc``: one arena, 1 MiB mmap threshold) when it is imported,
-unless ``PTQKIT_MALLOC_TUNE=0``; the environment variables do the same from the process start.
-
-Prints the RSS high-water mark above the paged-in model (``/proc/self/status``: VmHWM, reset
-through ``/proc/self/clear_refs``), the anonymous RSS growth after the run and after
-``malloc_trim(0)`` (memory malloc held but no tensor used), and the estimate's prediction. Linux
-and glibc only; one thread, so runs compare with each other on a busy machine.
+``import ptqkit`` limits glibc to one arena; the runner fixes the mmap threshold when memory is tight
+(``PTQKIT_MALLOC_TUNE=auto``, ``ptqkit/calibration/host.py``). Prints the RSS high-water mark above
+the paged-in model (``/proc/self/status``: VmHWM, reset through ``/proc/self/clear_refs``), the
+anonymous RSS growth after the run and after ``malloc_trim(0)`` (memory malloc held but no tensor
+used), and the estimate's prediction. Linux and glibc only.
 """
 from __future__ import annotations
 
@@ -57,8 +56,8 @@ def main() -> None:
     trimmed = status()
     est = E.estimate(E.ModelShape.from_config(E.load_config("smollm2-135m")), args.method, args.samples,
                      args.seqlen, args.batch_size)
-    print(f"{args.method} {args.samples} x {args.seqlen}, {args.threads} thread(s), malloc tuned by ptqkit: "
-          f"{host.tuned()}; quantize {wall:.1f} s")
+    print(f"{args.method} {args.samples} x {args.seqlen}, {args.threads} thread(s), glibc settings by ptqkit: "
+          f"{host.tuned() or 'none'}; quantize {wall:.1f} s")
     print(f"peak increase {r['peak'] / 2**20:.0f} MiB; anon after +{after['RssAnon'] - before['RssAnon']} MiB, "
           f"after malloc_trim +{trimmed['RssAnon'] - before['RssAnon']} MiB; "
           f"estimate {(est.host_peak - est.host_model) / 2**20:.0f} MiB")

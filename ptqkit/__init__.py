@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 
 from .calibration.host import tune_malloc  # noqa: E402
 
-tune_malloc()  # glibc: one malloc arena, 1 MiB mmap threshold (PTQKIT_MALLOC_TUNE=0 opts out; calibration/host.py)
+tune_malloc()  # glibc: one malloc arena for the batch threads (PTQKIT_MALLOC_TUNE=lean|arena|0; calibration/host.py)
 
 from .api import load, model_size_mb, quantize, save  # noqa: E402
 from .models import load_model  # noqa: E402

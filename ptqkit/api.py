@@ -66,6 +66,7 @@ def quantize(
         "timings": {"quantize_s": wall, **{k: v for k, v in info.items() if k.endswith("_s")}},
         "blocks": info.get("blocks", []),
         "distributed": info.get("distributed"),  # world_size, rank, samples_per_rank (torchrun)
+        "host": {"disk_offload": info.get("disk_offload", False), "malloc": info.get("malloc")},
         "layers": _merge_stats(steps),
     }
     log.info("quantized with %s in %.1fs", name, wall)

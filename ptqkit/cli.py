@@ -204,15 +204,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .config import build_recipe
 
     steps = build_recipe(method, options)  # validate before any model loads
+    if args.max_host_memory is not None and args.offload_folder is None:
+        raise ValueError("--max-host-memory needs --offload-folder (the weights that do not fit go there)")
     if not args.no_memory_check:
         _memory_check(args, steps)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 evaluates and prints
     times: dict[str, float] = {}
     t = time.perf_counter()
-    offload = {"offload_folder": args.offload_folder, "max_host_memory": args.max_host_memory}
-    if args.max_host_memory is not None and args.offload_folder is None:
-        raise SystemExit("--max-host-memory needs --offload-folder (the weights that do not fit go there)")
-    model, tok = load_model(args.model, **offload) if args.offload_folder else load_model(args.model)
+    model, tok = load_model(args.model, offload_folder=args.offload_folder, max_host_memory=args.max_host_memory)
     times["load"] = time.perf_counter() - t
     evaluate_fp = not args.no_eval and main_rank
     # the unquantized model to compare with: a copy now, or (offloaded) a second offloaded load afterwards

@@ -21,8 +21,8 @@ size, ``e`` bytes per element:
 On the host add the whole model's weights (the model stays there; disk-offloaded: at most the
 ``host_weights_budget``) and the quantized blocks as they accumulate (≈ 4 bits a weight). On a CPU
 run the host *is* the device, every term lands in host memory, and the batch threads' own buffers
-and a fixed overhead are added (``CPU_THREAD``, ``CPU_FIXED``; measured with glibc tuned as
-``import ptqkit`` does). ``check`` compares the estimate with free memory and names the knobs that
+and a fixed overhead are added (``CPU_THREAD``, ``CPU_FIXED``; measured with glibc's allocator
+lean, as the runner makes it when memory is tight). ``check`` compares the estimate with free memory and names the knobs that
 would make a run fit.
 """
 from __future__ import annotations
@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 GIB = 2**30
 GRAM_CACHE_BYTES = 256 * 2**20  # gptq.GRAM_CACHE_BYTES (the per-batch Σ x xᵀ cache)
-#: CPU runs (glibc malloc tuned by ``ptqkit.tune_malloc``: one arena, 1 MiB mmap threshold): every
+#: CPU runs (glibc with one arena and the fixed 1 MiB mmap threshold that the runner sets when memory
+#: is tight, ``ptqkit/calibration/host.py``; without it the peak is 1.0-2.2x this): every
 #: calibration batch of the sequential pipeline runs in its own thread, and each thread costs about
 #: ``CPU_THREAD[0] + CPU_THREAD[1]·(H + I)`` bytes beyond the activations it holds (the BLAS's
 #: per-thread buffers grow with the matrices), plus ``CPU_FIXED`` once. Least-squares fit over 13

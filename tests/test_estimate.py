@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,8 @@ print("@@" + json.dumps(r["peak"]))
 def _measure(make: str, method: str, n: int, length: int, batch: int, pipeline: str, **kw) -> int:
     code = _MEASURE.format(tests=str(Path(__file__).parent), make=make, n=n, length=length, method=method,
                            batch=batch, pipeline=pipeline, kw=kw)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    env = {**os.environ, "PTQKIT_MALLOC_TUNE": "lean"}  # the allocator the runner takes when memory is tight
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out.split("@@")[-1])
 
 

@@ -67,7 +67,7 @@ def test_disk_offloaded_model_gives_the_same_codes_one_block_at_a_time(tiny_dir,
         host.load_offloaded_ = orig
     # block i is read from disk when its turn comes: the later ones are still on disk then
     assert read_in == [[True, False, False], [True, True, False], [True, True, True]]
-    assert model.ptqkit_info["timings"]["quantize_s"] > 0
+    assert model.ptqkit_info["host"]["disk_offload"] and not ref.ptqkit_info["host"]["disk_offload"]
     assert not any(p.device.type == "meta" for p in model.parameters())
     assert not any(hasattr(m, "_hf_hook") for m in model.modules())  # a plain host model afterwards
     want, got = ref.state_dict(), model.state_dict()
@@ -121,6 +121,12 @@ def test_cli_quantize_offloaded_evaluates_and_saves(tiny_dir, tmp_path, capsys) 
     assert torch.isfinite(again(_ids(1, 8)).logits).all()
 
 
+def test_cli_max_host_memory_needs_an_offload_folder(tiny_dir, caplog) -> None:
+    assert cli.main(["quantize", "--model", str(tiny_dir), "--method", "rtn", "--max-host-memory", "1GiB",
+                     "--no-eval", "--no-save"]) == 2
+    assert "--max-host-memory needs --offload-folder" in caplog.text
+
+
 def test_estimate_of_an_offloaded_run_and_the_suggestion(monkeypatch: pytest.MonkeyPatch) -> None:
     shape = E.ModelShape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128,
                          vocab=128256, tied=False)
@@ -141,20 +147,36 @@ def test_estimate_of_an_offloaded_run_and_the_suggestion(monkeypatch: pytest.Mon
         E.parse_size("lots")
 
 
-def test_malloc_tuning_opt_out(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(host, "_tuned", False)
+def test_malloc_modes(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(host, "_mallopt", lambda param, value: calls.append((param, value)) or True)
+    monkeypatch.setattr(host, "_tuned", set())
     monkeypatch.setenv("PTQKIT_MALLOC_TUNE", "0")
-    assert host.tune_malloc() is False
+    assert host.tune_malloc() is False and calls == []
     monkeypatch.setenv("PTQKIT_MALLOC_TUNE", "lots")
     with pytest.raises(ValueError, match="PTQKIT_MALLOC_TUNE='lots'"):
         host.tune_malloc()
-    monkeypatch.delenv("PTQKIT_MALLOC_TUNE")
-    import sys
+    monkeypatch.delenv("PTQKIT_MALLOC_TUNE")  # auto: one arena now, the mmap threshold only when needed
+    assert host.tune_malloc() and calls == [(host._M_ARENA_MAX, 1)] and host.tuned() == "arena"
+    assert host.lean_if_needed(2**30, 3 * 2**30) is False            # 2.5 GiB fits in 3
+    assert host.lean_if_needed(None, 0) is False                      # no estimate: leave it
+    assert host.lean_if_needed(2**30, 2 * 2**30) is True              # 2.5 GiB does not fit in 2
+    assert calls[-1] == (host._M_MMAP_THRESHOLD, 1 << 20) and host.tuned() == "arena+lean"
+    monkeypatch.setattr(host, "_tuned", set())
+    monkeypatch.setenv("PTQKIT_MALLOC_TUNE", "arena")
+    assert host.lean_if_needed(2**30, 0) is False
+    monkeypatch.setenv("PTQKIT_MALLOC_TUNE", "lean")
+    assert host.tune_malloc() and host.tuned() == "arena+lean"
 
-    assert host.tune_malloc() is sys.platform.startswith("linux")
-    assert host.tuned() is sys.platform.startswith("linux")
 
-
+def test_runner_goes_lean_only_when_memory_is_tight(tiny_llama, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    monkeypatch.setattr(host, "lean_if_needed", lambda run, free: seen.append((run, free)) or False)
+    monkeypatch.setattr(E, "free_memory", lambda device: (12345, None))
+    ptqkit.quantize(copy.deepcopy(tiny_llama), "gptq", calibration=_ids(4, 16), batch_size=2)
+    shape = E.ModelShape.from_config(tiny_llama.config)
+    est = E.estimate(shape, ["gptq"], 4, 16, 2)
+    assert seen == [(est.host_peak - est.host_model, 12345)]
 
 def test_cli_estimate_of_a_disk_offloaded_run(tmp_path, capsys) -> None:
     tiny_llama_config(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16).save_pretrained(tmp_path)  # a config alone: no weights anywhere

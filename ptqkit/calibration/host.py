@@ -1,18 +1,25 @@
 """Host memory of a calibration run: glibc's allocator and models offloaded to disk by accelerate.
 
 **Allocator** (CPU runs, Linux/glibc). The sequential pipeline runs every calibration batch in its
-own thread, and glibc gives each thread its own malloc arena; with its dynamic mmap threshold
-(which climbs to 32 MiB) freed activation blocks stay in those heaps, so the resident set keeps
-about every arena's own peak, up to 3x the live set on SmolLM2 (``docs/scaling.md``).
-:func:`tune_malloc` sets one arena and a fixed 1 MiB mmap threshold (blocks above it go back to
-the kernel when freed) through ``mallopt``. ``import ptqkit`` calls it, because the arena limit only
-binds threads that have no arena yet: set late (after a model load's worker threads made theirs),
-the batch threads reuse those and the peak stays ~20% higher. The price of the mmap threshold is
-speed: fresh pages fault in on every large allocation, ~15% on SmolLM2's CPU calibration (GPTQ
-32 x 512, 2 threads: 75-88 s against 62-74 s; peak 497 MiB against 1772 MiB with glibc's defaults
-and 748 MiB with one arena alone). ``PTQKIT_MALLOC_TUNE=arena`` keeps one arena only (no slowdown),
-``PTQKIT_MALLOC_TUNE=0`` leaves glibc alone; glibc has no getter for these settings, so they stay for
-the rest of the process. ``ptqkit.estimate`` assumes the default.
+own thread, and glibc gives each thread its own malloc arena; freed activation blocks stay in those
+heaps (glibc's dynamic mmap threshold climbs to 32 MiB), so the resident set keeps about every
+arena's own peak. GPTQ on SmolLM2 at 128 x 512 tokens (``benchmarks/quantize_time.py``):
+
+| glibc | peak over the model | quantize |
+|---|---:|---:|
+| defaults (``PTQKIT_MALLOC_TUNE=0``) | 5.3 GB | 192 s |
+| one arena (``arena``) | 3.0 GB | 196 s |
+| one arena + fixed 1 MiB mmap threshold (``lean``) | 1.8 GB | 274 s |
+
+One arena costs nothing (the batch threads take turns under one lock), so ``import ptqkit`` sets it
+(:func:`tune_malloc`); it must come early, because the limit binds only threads that have no arena
+yet (a model load's worker threads make theirs). The fixed mmap threshold returns large blocks to the
+kernel when freed, so the peak follows the live set (what ``ptqkit.estimate`` models), but fresh
+pages fault in on every large allocation. In the default mode, ``auto``, the runner sets it only
+when the run needs it: when ``ARENA_FACTOR`` times the estimated peak would not fit in free memory
+(:func:`lean_if_needed`; one arena measured 1.0-2.2x the lean peak over 18 runs). ``lean`` and
+``arena`` force one choice; ``0`` leaves glibc alone. glibc has no getter for these settings, so they
+stay for the rest of the process; other C libraries are left alone.
 
 **Disk offload.** transformers / accelerate load a model with ``device_map`` entries ``"disk"``
 (``offload_folder``) with those parameters on the ``meta`` device and an ``AlignDevicesHook`` per
@@ -38,40 +45,66 @@ log = logging.getLogger(__name__)
 
 _M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8  # glibc malloc.h
 MMAP_THRESHOLD = 1 << 20
-_tuned = False
+ARENA_FACTOR = 2.5  # one arena's peak over the lean one's, with margin (measured up to 2.2)
+MODES = ("auto", "arena", "lean", "0")
+_tuned: set[str] = set()  # what is set in this process: "arena", "lean"
 
 
-MODES = ("1", "arena", "0")
+def _mode() -> str:
+    mode = os.environ.get("PTQKIT_MALLOC_TUNE", "auto").strip().lower()
+    if mode not in MODES:
+        raise ValueError(f"PTQKIT_MALLOC_TUNE={mode!r}: use one of {MODES}")
+    return mode
+
+
+def _mallopt(param: int, value: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(param, value) == 1
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        return False
 
 
 def tune_malloc() -> bool:
-    """One malloc arena and a fixed 1 MiB mmap threshold for this process (glibc only); returns
-    whether settings are in effect. ``PTQKIT_MALLOC_TUNE``: ``1`` (default) both, ``arena`` the arena
-    limit only (no speed cost, ~1.5x the peak), ``0`` neither."""
-    global _tuned
-    if _tuned:
-        return True
-    mode = os.environ.get("PTQKIT_MALLOC_TUNE", "1").strip().lower()
-    if mode not in MODES:
-        raise ValueError(f"PTQKIT_MALLOC_TUNE={mode!r}: use one of {MODES}")
-    if mode == "0" or not sys.platform.startswith("linux"):
+    """Limit glibc to one malloc arena (and, with ``PTQKIT_MALLOC_TUNE=lean``, fix the mmap threshold
+    at 1 MiB); returns whether the arena limit is in effect. ``import ptqkit`` calls it."""
+    mode = _mode()
+    if mode == "0":
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_ARENA_MAX, 1) == 1
-        if mode == "1":
-            ok = ok and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
-        return False
-    _tuned = ok
-    if ok:
-        log.debug("glibc malloc: one arena, mmap threshold %d bytes (PTQKIT_MALLOC_TUNE=0 to opt out)", MMAP_THRESHOLD)
-    return ok
+    if "arena" not in _tuned and _mallopt(_M_ARENA_MAX, 1):
+        _tuned.add("arena")
+    if mode == "lean":
+        lean()
+    return "arena" in _tuned
 
 
-def tuned() -> bool:
-    """Whether :func:`tune_malloc` set glibc's options in this process."""
-    return _tuned
+def lean() -> bool:
+    """Fix glibc's mmap threshold at 1 MiB (large blocks go back to the kernel when freed)."""
+    if "lean" not in _tuned and _mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD):
+        _tuned.add("lean")
+        log.info("glibc malloc: fixed 1 MiB mmap threshold (lower peak, slower CPU forwards)")
+    return "lean" in _tuned
+
+
+def lean_if_needed(run_bytes: int | None, free_bytes: int) -> bool:
+    """``auto`` mode: go lean when one arena's peak (``ARENA_FACTOR`` x the estimated run) would not
+    fit in ``free_bytes``; ``run_bytes`` None (no estimate for this model) stays as it is."""
+    mode = _mode()
+    if mode == "lean":
+        return lean()
+    if mode != "auto" or run_bytes is None:
+        return "lean" in _tuned
+    if ARENA_FACTOR * run_bytes > free_bytes:
+        log.info("the run needs %.2f GiB (estimated), one malloc arena could take %.1fx that and %.2f GiB is "
+                 "free: fixing the mmap threshold", run_bytes / 2**30, ARENA_FACTOR, free_bytes / 2**30)
+        return lean()
+    return "lean" in _tuned
+
+
+def tuned() -> str:
+    """What is set in this process: ``""``, ``"arena"`` or ``"arena+lean"``."""
+    return "+".join(k for k in ("arena", "lean") if k in _tuned)
 
 
 WeightsMaps = dict[nn.Module, Mapping[str, torch.Tensor]]

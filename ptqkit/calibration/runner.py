@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import distributed
+from .. import distributed, estimate
 from ..algorithms.base import Algorithm, Quantizer, Transform
 from ..layers import QuantLinear, divide_rows_
 from ..nested import block_output, to_device
@@ -319,6 +319,19 @@ def _quantize_pass(q: Quantizer, block: nn.Module, prefix: str, linears: dict[st
     return outs
 
 
+def _run_bytes(model: nn.Module, steps: Sequence[Algorithm], calib: CalibrationSet, batch_size: int,
+               pipeline: str) -> int | None:
+    """The estimated memory of this CPU run beyond the model's weights (None: no estimate for it)."""
+    try:
+        shape = estimate.ModelShape.from_config(model.config)
+    except (AttributeError, ValueError):
+        return None
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    est = estimate.estimate(shape, [s.name for s in steps], len(calib.ids), calib.ids.shape[1], batch_size,
+                            "sequential" if pipeline == "sequential" else "two-pass", dtype=dtype)
+    return est.host_peak - est.host_model
+
+
 def quantize_data_free(model: nn.Module, quantizer: Quantizer, ignore: list[str] | None,
                        offloaded: host.WeightsMaps | None = None) -> None:
     """Quantize every linear of the decoder blocks without calibration data (RTN)."""
@@ -379,8 +392,10 @@ def run(
                                "samples_per_rank": distributed.all_gather_int(len(calib.ids))}
         log.info("rank %d calibrates on %d of %d samples", distributed.rank(), len(calib.ids),
                  sum(info["distributed"]["samples_per_rank"]))
-    if device.type == "cpu":
-        info["malloc_tuned"] = host.tune_malloc()
+    if device.type == "cpu":  # the host runs the blocks: give glibc the settings this run needs
+        host.tune_malloc()
+        host.lean_if_needed(_run_bytes(model, steps, calib, batch_size, pipeline), estimate.free_memory("cpu")[0])
+        info["malloc"] = host.tuned()
     arch = architecture(model)
     store = torch.device("cpu") if offload_activations else device
     t0 = time.perf_counter()
