@@ -285,7 +285,7 @@ def _estimate_kw(args: argparse.Namespace, steps: Any) -> dict[str, Any]:
     kw = dict(method=[s.name for s in steps], num_samples=args.num_samples, seqlen=args.seqlen,
               batch_size=args.batch_size, pipeline=args.pipeline, device=args.device or "cpu",
               offload_activations=args.offload_activations)
-    if getattr(args, "offload_folder", None) or (args.command == "estimate" and args.max_host_memory is not None):
+    if getattr(args, "offload_folder", None) or args.max_host_memory is not None:  # a disk-offloaded run
         from . import estimate
 
         kw["host_weights_budget"] = estimate.parse_size(args.max_host_memory) if args.max_host_memory else 0

@@ -120,8 +120,8 @@ def detach_offload(model: nn.Module, blocks: nn.ModuleList) -> WeightsMaps:
     whose parameters are still on ``meta`` (inside decoder blocks). Modules outside the blocks are read
     into host memory now. A model without offloaded modules is left as it is (returns ``{}``)."""
     maps = {m: m._hf_hook.weights_map for m in model.modules() if _offloaded(m)}
-    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if not maps:
+        meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
         if meta:
             raise ValueError(f"{meta[0]} (and {len(meta) - 1} more) is on the meta device with no offload hook to read "
                              "it from: load the model with its weights (device_map='cpu', or 'disk' with offload_folder)")

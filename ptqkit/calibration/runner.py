@@ -392,8 +392,7 @@ def run(
                                "samples_per_rank": distributed.all_gather_int(len(calib.ids))}
         log.info("rank %d calibrates on %d of %d samples", distributed.rank(), len(calib.ids),
                  sum(info["distributed"]["samples_per_rank"]))
-    if device.type == "cpu":  # the host runs the blocks: give glibc the settings this run needs
-        host.tune_malloc()
+    if device.type == "cpu":  # the host runs the blocks (one malloc arena is set at import): lean if tight
         host.lean_if_needed(_run_bytes(model, steps, calib, batch_size, pipeline), estimate.free_memory("cpu")[0])
         info["malloc"] = host.tuned()
     arch = architecture(model)
