@@ -4,12 +4,15 @@ Without a CUDA device the module sets ``TRITON_INTERPRET=1`` before triton is im
 every kernel on CPU tensors (fp16/fp32 only: the interpreter mishandles bf16). With a CUDA device
 (and no ``TRITON_INTERPRET=1`` in the environment) the same tests run compiled kernels on the GPU.
 
-Tolerances: both sides accumulate in fp32; the reference (and the Triton gemm/dequant paths) use
-weights rounded to the activation dtype, the GEMV keeps them in fp32. Against an fp64 truth ``y``
-computed from the rounded weights, each output must satisfy
+Tolerances: both sides accumulate in fp32 from weights rounded to the activation dtype (the fused
+kernel's tiles are bit-identical to the reference's, :func:`test_fast_tile_bit_exact`). Against an
+fp64 truth ``y`` computed from the rounded weights, each output must satisfy
 ``|out - y| <= (|x| @ |W| + |b|) * (3u + K * 2**-24)``: the fp32 summation error of K terms is at
-most ``K * 2**-24`` of ``|x| @ |W|``; ``u`` (unit round-off of the activation dtype) covers each of
-the final rounding, the bias add, and the GEMV's unrounded weights (half an ulp each).
+most ``K * 2**-24`` of ``|x| @ |W|``; ``u`` (unit round-off of the activation dtype) covers the
+final rounding and the bias add, with room to spare.
+
+Tests marked ``gpu`` run only on a CUDA device (``pytest -m gpu``): compiled kernels, bf16, the
+inline-PTX dequantization, the tuned-config paths.
 """
 from __future__ import annotations
 
@@ -26,18 +29,21 @@ triton = pytest.importorskip("triton")
 
 from ptqkit import kernels  # noqa: E402
 from ptqkit.kernels import autotune, reference  # noqa: E402
+from ptqkit.kernels import triton_gemv as tg  # noqa: E402
 from ptqkit.kernels import triton_w8a8 as tw8  # noqa: E402
 from ptqkit.kernels import triton_wxa16 as tw  # noqa: E402
 from ptqkit.packing import pack  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-if INTERPRET and type(tw._gemv_kernel).__name__ != "InterpretedFunction":  # imported earlier, compiled
+if INTERPRET and type(tg.fused_kernel).__name__ != "InterpretedFunction":  # imported earlier, compiled
+    tg = importlib.reload(tg)
     tw, tw8 = importlib.reload(tw), importlib.reload(tw8)
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 DTYPES = [torch.float16, torch.float32] + ([] if INTERPRET else [torch.bfloat16])
 UNIT = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}
 
 # (K, N, group_len): ragged last groups, per-channel, and a length no K-tile divides (dequant path)
+GPU = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs a CUDA device")
 GROUPS = {
     "g32": (96, 40, 32),
     "g64-ragged": (160, 70, 64),
@@ -117,11 +123,10 @@ def test_wxa16_flags_and_batch_dims(dtype: torch.dtype, act_order: bool, bias: b
     assert_wxa16_close(tw.wxa16_linear(x, **layer), x, layer)
 
 
-CONFIGS = {
-    "gemv-split1": dict(path="gemv", BLOCK_N=64, BLOCK_K=32, SPLIT_K=1),
-    "gemv-split3": dict(path="gemv", BLOCK_N=16, BLOCK_K=16, SPLIT_K=3),
-    "gemm-split1": dict(path="gemm", BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1),
-    "gemm-split4": dict(path="gemm", BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, SPLIT_K=4),
+CONFIGS = {   # forced paths (interpreter-sized tiles; NW = num_warps lays out the feature permutation)
+    "fused-split1": dict(path="fused", BLOCK_N=16, BLOCK_K=32, SPLIT_K=1, num_warps=1),
+    "fused-split3": dict(path="fused", BLOCK_N=16, BLOCK_K=32, SPLIT_K=3, num_warps=1),
+    "fused-bk64-split2": dict(path="fused", BLOCK_N=32, BLOCK_K=64, SPLIT_K=2, num_warps=2),
     "dequant": dict(path="dequant", BLOCK_K=32, BLOCK_N=16),
 }
 
@@ -129,19 +134,22 @@ CONFIGS = {
 @pytest.mark.parametrize("cfg", list(CONFIGS))
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_wxa16_each_path(bits: int, cfg: str) -> None:
-    """Each path and split-K setting, forced, on the ragged K=160 / group 64 layer."""
+    """Each path and split-K setting, forced, on the ragged K=160 / group 64 layer, act-order."""
     c = {"num_warps": 4, "num_stages": 2, **CONFIGS[cfg]}
-    m = 1 if c["path"] == "gemv" else 17
-    layer = make_weight(bits, 160, 70, 64, torch.float16, act_order=False, bias=True, seed=bits)
-    x = torch.randn(m, 160).half().to(DEVICE)
-    out = tw.run_config(c, x, layer["qweight"], layer["scales"], layer["zeros"], bits, 64, layer["bias"])
-    assert_wxa16_close(out, x, layer)
+    layer = make_weight(bits, 160, 72, 64, torch.float16, act_order=True, bias=True, seed=bits)
+    for m in (1, 5):
+        x = torch.randn(m, 160).half().to(DEVICE)
+        out = tw.run_config(c, x, layer["qweight"], layer["scales"], layer["zeros"], bits, 64, layer["bias"],
+                            layer["perm"])
+        assert_wxa16_close(out, x, layer)
 
 
 def test_wxa16_large_m_uses_dequant() -> None:
     layer = make_weight(3, 96, 40, 32, torch.float32, act_order=True, bias=True)
-    x = torch.randn(80, 96).to(DEVICE)
+    x = torch.randn(tw.FUSED_MAX_M + 72, 96).to(DEVICE)
     assert_wxa16_close(tw.wxa16_linear(x, **layer), x, layer)
+    plans = [p for key, p in tw._PLANS.items() if key[1] > tw.FUSED_MAX_M and key[2:4] == (40, 96)]
+    assert plans and all(p.cfg["path"] == "dequant" for p in plans)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -153,6 +161,23 @@ def test_dequantize_kernel_is_exact(bits: int) -> None:
         args = (layer["qweight"], layer["scales"], layer["zeros"], bits, group_len, k)
         torch.testing.assert_close(tw.dequantize(*args, torch.float16, block_k=16, block_n=32),
                                    reference.dequantize(*args).half(), rtol=0, atol=0)
+        perm = torch.randperm(k).to(DEVICE)                    # act-order: rows land at perm[j]
+        w = tw.dequantize(*args, torch.float16, block_k=16, block_n=32, perm=perm)
+        assert torch.equal(w[perm.long()], reference.dequantize(*args).half())
+
+
+@pytest.mark.parametrize("group", ["g32", "g64-ragged", "g128-ragged", "per-channel"])
+@pytest.mark.parametrize("tile", [(16, 32, 1), (32, 64, 2), (64, 128, 4)])
+def test_fast_tile_bit_exact(group: str, tile: tuple[int, int, int]) -> None:
+    """The 4-bit fast path's dequantized tiles (as the dot consumes them, permutations undone) equal
+    ``reference.dequantize`` bit for bit: several groups per tile, ragged groups, odd N (no TMA)."""
+    k, n, group_len = GROUPS[group]
+    bn, bk, warps = tile
+    for n_cols in (n, 64):                                       # N % 4 == 0 reads words through a TMA descriptor
+        layer = make_weight(4, k, n_cols, group_len, torch.float16, False, False, seed=k + n_cols)
+        args = (layer["qweight"], layer["scales"], layer["zeros"])
+        w = tw.dequantize_fast(*args, group_len, k, block_n=bn, block_k=bk, num_warps=warps)
+        assert torch.equal(w, reference.dequantize(*args, 4, group_len, k))
 
 
 @pytest.mark.parametrize("m", [1, 17, 80])
@@ -169,25 +194,39 @@ def test_wxa16_rejects_mismatched_layout() -> None:
 
 
 def test_gpu_candidates_respect_groups(monkeypatch: pytest.MonkeyPatch) -> None:
-    """GPU config lists (built without a GPU): tiles never straddle groups; paths by M."""
+    """GPU config lists (built without a GPU): fused K tiles fit the groups; paths by M."""
     monkeypatch.setattr(autotune, "sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
     for bits in (2, 3, 4, 8):
         for group_len in (32, 64, 128, 8192):
             c1 = tw.candidate_configs(1, 8192, 8192, group_len, bits, cuda)
             c16 = tw.candidate_configs(16, 8192, 8192, group_len, bits, cuda)
-            c128 = tw.candidate_configs(128, 8192, 8192, group_len, bits, cuda)
-            assert {c["path"] for c in c1} == {"gemv"} and {c["path"] for c in c16} == {"gemm"}
-            assert {c["path"] for c in c128} == {"gemm", "dequant"}
+            c64 = tw.candidate_configs(64, 8192, 8192, group_len, bits, cuda)
+            assert {c["path"] for c in c1} == {"fused"} and {c["path"] for c in c16} == {"fused"}
+            assert {c["path"] for c in c64} == {"fused", "dequant"}
+            assert [c["path"] for c in tw.candidate_configs(128, 8192, 8192, group_len, bits, cuda)] == ["dequant"]
             for c in c1 + c16:
-                assert group_len % c["BLOCK_K"] == 0 and c["BLOCK_K"] >= 32 // bits
+                assert tw.fused_fits(c, 8192, group_len, bits)
+                assert group_len % c["BLOCK_K"] == 0 or c["BLOCK_K"] % group_len == 0
     assert [c["path"] for c in tw.candidate_configs(512, 4096, 4096, 128, 4, cuda)] == ["dequant"]
     assert [c["path"] for c in tw.candidate_configs(1, 4096, 4096, 100, 4, cuda)] == ["dequant"]
 
 
+def test_table_config_for_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On sm_90 the shipped table gives the M=1 W4 g128 problem its fused config (no GPU needed)."""
+    monkeypatch.setattr(autotune, "capability", lambda index: (9, 0))
+    monkeypatch.setattr(autotune, "sm_count", lambda index: 132)
+    monkeypatch.setattr(tw, "STORE", autotune.ConfigStore("wxa16-test"))
+    cfg = tw.default_config(1, 8192, 8192, 128, 4, torch.device("cuda", 0))
+    assert cfg == autotune.TABLE["sm90"][("wxa16", 1, 4, "g>=128")]
+    plan = tw.plan_params(cfg, 1, 8192, 8192, 128, 4, torch.float16, torch.float16, torch.device("cuda", 0),
+                          False, False)
+    assert plan.consts["FAST"] and plan.consts["ONE_ROW"] and plan.splits == 8 and plan.grid == (32, 8, 1)
+
+
 @pytest.mark.parametrize("m", [1, 16, 100])
 def test_gpu_default_configs_compute_correctly(m: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first GPU candidate (big tiles, untimed default) on a problem smaller than its tiles."""
+    """The first GPU candidate (big tiles) on a problem smaller than its tiles."""
     monkeypatch.setattr(autotune, "sm_count", lambda index: 132)
     layer = make_weight(4, 256, 90, 128, torch.float16, act_order=False, bias=True)
     x = torch.randn(m, 256).half().to(DEVICE)
@@ -202,7 +241,36 @@ def test_gpu_default_configs_compute_correctly(m: int, monkeypatch: pytest.Monke
     assert torch.equal(out8, reference.int8_matmul(a, b).float())
 
 
-# --- W8A8 ---------------------------------------------------------------------------------------
+def test_split_k_is_deterministic_and_resets_its_counters() -> None:
+    """In-kernel split-K: the last split sums the partials in split order, so repeated calls agree
+    bit for bit, and it leaves the arrival counters at zero for the next launch."""
+    layer = make_weight(4, 300, 48, 32, torch.float16, act_order=True, bias=True, seed=3)
+    x = torch.randn(3, 300).half().to(DEVICE)
+    cfg = dict(CONFIGS["fused-split3"], num_stages=2)
+    plan = tw.make_plan(cfg, 3, 48, 300, 32, 4, x.dtype, x.dtype, x.device, True, True)
+    assert plan.splits == 3 and plan.consts["SPLIT"]
+    args = (x, layer["qweight"], layer["scales"], layer["zeros"], 4, 32, layer["bias"], layer["perm"])
+    first = tw.launch(plan, *args)
+    assert torch.equal(plan.cnt, torch.zeros_like(plan.cnt))
+    assert torch.equal(tw.launch(plan, *args), first)
+    assert_wxa16_close(first, x, layer)
+
+
+def test_plan_is_cached_and_calls_never_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call is a dict lookup plus a launch: the plan is built once per shape, nothing is timed."""
+    monkeypatch.setattr(autotune, "time_cold", lambda fn: pytest.fail("timing inside a call"))
+    monkeypatch.setattr(tw, "_PLANS", {})
+    built = []
+    real = tw.make_plan
+    monkeypatch.setattr(tw, "make_plan", lambda *a, **kw: built.append(a) or real(*a, **kw))
+    layer = make_weight(4, 96, 44, 32, torch.float16, False, False)
+    x = torch.randn(1, 96).half().to(DEVICE)
+    for _ in range(3):
+        tw.wxa16_linear(x, **layer)
+    assert len(built) == 1
+
+
+# --- W8A8# --- W8A8 ---------------------------------------------------------------------------------------
 
 def test_quantize_per_token_ties_and_zero_rows() -> None:
     """Halves after division round to even (2.5 -> 2, 3.5 -> 4, -2.5 -> -2) like torch.round."""
@@ -265,6 +333,32 @@ def test_w8a8_matches_reference(m: int, k: int, n: int, bias: bool, static: bool
     assert ((out.double() - ref.double()).abs() <= tol).all()
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_w8a8_int_mm_path_matches_fused(static: bool) -> None:
+    """``torch._int_mm`` + the Triton scale epilogue gives the fused GEMM's outputs."""
+    m, k, n = 24, 64, 40
+    gen = torch.Generator().manual_seed(5)
+    xq = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8).to(DEVICE)
+    w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8).to(DEVICE)
+    xs = (torch.rand(1 if static else m, 1, generator=gen) * 0.1).to(DEVICE)
+    ws = (torch.rand(n, generator=gen) * 0.01).to(DEVICE)
+    b = torch.randn(n, generator=gen).half().to(DEVICE)
+    fused = tw8.int8_gemm(xq, xs, w, ws, b, torch.float16, tw8.candidate_configs(m, torch.device("cpu"))[0])
+    via_int_mm = tw8.int8_gemm(xq, xs, w, ws, b, torch.float16, tw8.INT_MM)
+    assert torch.equal(fused, via_int_mm)
+
+
+def test_w8a8_path_choice_is_made_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(autotune, "time_cold", lambda fn: pytest.fail("timing inside a call"))
+    monkeypatch.setattr(tw8, "_PATHS", {})
+    x = torch.randn(3, 64).half().to(DEVICE)
+    w = torch.randint(-127, 128, (24, 64), dtype=torch.int8).to(DEVICE)
+    ws = torch.rand(24).to(DEVICE) * 0.01
+    for _ in range(2):
+        tw8.w8a8_linear(x, w, ws)
+    assert len(tw8._PATHS) == 1
+
+
 # --- selection ----------------------------------------------------------------------------------
 
 def test_select_forced_triton(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -294,9 +388,32 @@ def test_layers_run_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.testing.assert_close(w8(x), ref8, rtol=1e-6, atol=1e-6)
 
 
-def test_autotune_uses_first_candidate_off_gpu() -> None:
-    cache = autotune.ConfigCache("t")
-    calls = []
-    cfg = cache.pick("k", [{"a": 1}, {"a": 2}], calls.append, torch.device("cpu"))
-    assert cfg == {"a": 1} and calls == [] and cache.best == {}
+def test_config_store_off_gpu() -> None:
+    """Off the GPU nothing is stored or looked up on disk; the heuristic default is used."""
+    store = autotune.ConfigStore("t")
+    assert store.lookup("k", torch.device("cpu"), ("wxa16", 1, 4, "g>=128")) is None and store.best == {}
+    assert not autotune.can_time(torch.device("cpu"))
     assert [autotune.m_bucket(m) for m in (1, 2, 3, 16, 17, 300)] == [1, 2, 4, 16, 32, 512]
+    assert [autotune.m_class(m) for m in (1, 2, 9, 17)] == [1, 8, 16, 32]
+
+
+def test_config_store_tunes_and_persists(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tune times every candidate (a failing one scores inf), keeps the fastest, writes it to the
+    cache directory, and a fresh store reads it back (GPU name faked: no GPU needed)."""
+    monkeypatch.setenv("PTQKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(autotune, "time_cold", lambda fn: fn())
+    cuda = torch.device("cuda", 0)
+
+    def run(c):
+        if c["t"] is None:
+            raise RuntimeError("does not compile")
+        return c["t"]
+
+    store = autotune.ConfigStore("t")
+    cfg, timings = store.tune("k", [{"t": 3.0}, {"t": None}, {"t": 1.0}], run, cuda)
+    assert cfg == {"t": 1.0} and [t for _, t in timings][1] == float("inf")
+    assert autotune.ConfigStore("t").lookup("k", cuda) == {"t": 1.0}
+    assert any(p.name.startswith("t-Fake_GPU") for p in tmp_path.iterdir())

@@ -1,4 +1,4 @@
-"""Triton weight-only GEMM, W{2,3,4,8}A16 (fp16 / bf16 activations; fp32 too, for tests).
+"""Triton weight-only linear, W{2,3,4,8}A16 (fp16 / bf16 activations; fp32 too, for tests).
 
 Layout as in :mod:`ptqkit.kernels.reference`: ``qweight`` int32 ``[ceil(K*bits/32), N]`` (codes
 packed along K as a little-endian bitstream), ``scales [G, N]``, ``zeros`` uint8 ``[G, N]``, stored
@@ -6,316 +6,310 @@ row ``j`` in group ``j // group_len``, optional act-order ``perm`` (``y = x[...,
 
 Paths, by the number of rows ``M`` of ``x`` flattened to 2-D:
 
-- ``gemv`` (M = 1): each program owns ``BLOCK_N`` columns and one K-split; it unpacks
-  ``32/bits`` codes per word with shifts and accumulates ``x * w`` in an fp32 register tile
-  ``[BLOCK_K / codes-per-word, BLOCK_N]``, reduced across threads once at the end;
-- ``gemm`` (small M): the same unpacking feeding ``tl.dot`` (fp32 accumulator), with split-K;
-- ``dequant`` (large M, or group lengths no K-tile divides): a Triton kernel writes the fp16/bf16
-  weight, then ``torch.matmul`` (cuBLAS).
+- ``fused`` (M up to :data:`FUSED_MAX_M`): :func:`triton_gemv.fused_kernel`, one launch per call:
+  in-register dequantization feeding tensor cores, act-order gather of x and the split-K
+  reduction inside the kernel, several groups per K tile. 4-bit codes with fp16/bf16 scales take
+  the fast path (two codes per instruction; the weight tile is bit-identical to the reference's).
+- ``dequant`` (large M, group lengths no K tile fits, fp32 activations on a GPU): a Triton kernel
+  writes the weight in input-column order (act-order applied by scattering rows), then
+  ``torch.matmul`` (cuBLAS).
 
-Split-K programs write fp32 partials ``[S, M, N]`` that a small kernel sums (deterministic),
-adding the bias and casting. K-tiles never straddle a group (``group_len % BLOCK_K == 0`` or a
-single group), so each K step loads one scale row and one zero row. Act-order permutes the
-activation columns once (``index_select``) instead of gathering scales inside the loop. Codes
-become floats by the exponent trick (no int-to-float conversion instructions).
+Host path: a call is one dict lookup (:data:`_PLANS`: launch parameters and split-K workspace per
+device, M class, shapes, dtypes and flags) and one launch; plans come from :mod:`autotune`'s stored
+configs or a heuristic, computed once per shape (with ``PTQKIT_AUTOTUNE=1``, the first call of an
+untuned shape times the candidates first and caches the winner on disk). Otherwise no timing and
+no host synchronisation happen in a call, so a layer can be captured in a CUDA graph (after one
+warm-up call, as usual, which builds the plan and its workspace).
 
-Numerics: ``gemm`` and ``dequant`` round the dequantized weight to the scales' dtype, then to the
-activation dtype, exactly as the reference does, so only the summation order differs. ``gemv``
-keeps ``(code - zero) * scale`` in fp32 (cheaper: no rounding conversions, and the scale is
-applied once per word) and so differs from the reference by at most half an ulp of each fp16/bf16
-weight on top of that.
+Numerics: the weight is rounded to the scales' dtype, then to the activation dtype, exactly as the
+reference; only the fp32 summation order differs.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from ..quant import num_groups
-from .autotune import Config, ConfigCache, check_device, interpreting, m_bucket, split_k_for
+from . import triton_gemv as tg
+from .autotune import (Config, ConfigStore, autotune_enabled, can_time, capability, check_device,
+                       interpreting, m_class, split_k_for)
 
 log = logging.getLogger(__name__)
 
-FUSED_MAX_M = 256   # above this many rows only dequantize + cuBLAS is considered
-GEMM_ONLY_M = 64    # up to this many rows dequantize + cuBLAS is not even tried
-_TUNER = ConfigCache("wxa16")
+FUSED_MAX_M = 64    # above this many rows only dequantize + cuBLAS is considered (the fused
+                    # kernel's x gather and accumulator outgrow the registers: sass_count spills)
+STORE = ConfigStore("wxa16")
 
 
 @triton.jit
-def _load_codes(q_ptr, k0, offs_n, mask_n, N, KW,
-                BITS: tl.constexpr, PER: tl.constexpr, BLOCK_K: tl.constexpr):
-    """int32 codes of stored rows ``[k0, k0 + BLOCK_K)`` × ``offs_n``, shaped
-    ``[BLOCK_K // PER, PER, BLOCK_N]`` (row ``k0 + i*PER + j``). For 2/4/8 bits ``PER = 32 // BITS``
-    codes come from each word by shifts (``k0 % PER == 0``); otherwise (``PER == 1``) each code
-    is read from its 64-bit window of two words, since codes may straddle words."""
-    mask_n2 = mask_n[None, :]
-    if PER > 1:
-        offs_w = k0 // PER + tl.arange(0, BLOCK_K // PER)                       # [BK/PER]
-        words = tl.load(q_ptr + offs_w[:, None] * N + offs_n[None, :],
-                        mask=(offs_w[:, None] < KW) & mask_n2, other=0)        # [BK/PER, BN]
-        shifts = tl.arange(0, PER) * BITS                                       # [PER]
-        codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
-    else:
-        bit = (k0 + tl.arange(0, BLOCK_K)) * BITS                               # [BK] stream offset
-        w_lo = bit // 32
-        shift = (bit % 32).to(tl.uint32)
-        lo = tl.load(q_ptr + w_lo[:, None] * N + offs_n[None, :],
-                     mask=(w_lo[:, None] < KW) & mask_n2, other=0).to(tl.uint32, bitcast=True)
-        hi = tl.load(q_ptr + (w_lo[:, None] + 1) * N + offs_n[None, :],
-                     mask=(w_lo[:, None] + 1 < KW) & mask_n2, other=0).to(tl.uint32, bitcast=True)
-        # (hi << 1) << (31 - s) == hi << (32 - s) without the undefined shift by 32 when s == 0
-        both = (lo >> shift[:, None]) | ((hi << 1) << (31 - shift)[:, None])
-        codes = tl.expand_dims((both & ((1 << BITS) - 1)).to(tl.int32), 1)     # [BK, 1, BN]
-    return codes
-
-
-@triton.jit
-def _codes_minus_zeros_f32(codes, z):
-    """``codes - z`` in fp32, exactly. A code ORed into the mantissa of 2**23 *is* the float
-    ``2**23 + code``, so one subtraction replaces the (quarter-rate) int-to-float conversion."""
-    c = (codes | 0x4B000000).to(tl.float32, bitcast=True)
-    return c - (z.to(tl.float32) + 8388608.0)
-
-
-@triton.jit
-def _dequant_rows(codes, s_ptr, z_ptr, g, offs_n, mask_n, N, W_DTYPE: tl.constexpr,
-                  HALF_MATH: tl.constexpr):
-    """``(codes - zero[g]) * scale[g]`` in ``W_DTYPE``, rounded exactly as the reference rounds.
-
-    ``HALF_MATH`` (fp16 scales and weights): all in fp16 with no conversion instruction, since
-    ``0x6400 | code`` is the fp16 ``1024 + code``; ``code - zero`` is exact and the product is
-    rounded once, as in the reference. Otherwise exact fp32 math and one final rounding."""
-    s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0)
-    z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0)
-    if HALF_MATH:
-        c = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)              # 1024 + code
-        zf = (z.to(tl.int32) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)    # 1024 + zero
-        w = (c - zf) * s.to(tl.float16)
-    else:
-        w = (_codes_minus_zeros_f32(codes, z) * s.to(tl.float32)).to(s.dtype)
-    return w.to(W_DTYPE)
-
-
-@triton.jit
-def _store_out(acc, offs_m, offs_n, mask, pid_k, M, N, bias_ptr, out_ptr,
-               PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Store fp32 ``acc [BM, BN]``: as split ``pid_k``'s partial, or with bias in the output dtype."""
-    if PARTIAL:
-        tl.store(out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, KW, group_len, chunks_per_split,
-                 BITS: tl.constexpr, PER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """``out[n] = sum_k x[k] * W[k, n]`` for one row ``x``; grid ``(cdiv(N, BLOCK_N), splits)``."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_kk = tl.arange(0, BLOCK_K // PER)[:, None] * PER + tl.arange(0, PER)[None, :]  # [BK/PER, PER]
-    acc = tl.zeros((BLOCK_K // PER, BLOCK_N), dtype=tl.float32)
-    c0 = pid_k * chunks_per_split
-    c1 = tl.minimum(c0 + chunks_per_split, tl.cdiv(K, BLOCK_K))
-    for c in range(c0, c1):
-        k0 = c * BLOCK_K
-        xv = tl.load(x_ptr + k0 + offs_kk, mask=k0 + offs_kk < K, other=0.0).to(tl.float32)
-        codes = _load_codes(q_ptr, k0, offs_n, mask_n, N, KW, BITS, PER, BLOCK_K)
-        g = k0 // group_len
-        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0)
-        d = _codes_minus_zeros_f32(codes, z[None, None, :])                     # [BK/PER, PER, BN]
-        # the PER codes of a word sit in one thread: summing them here is cheap and keeps the
-        # accumulator at [BK/PER, BN]; the scale is applied once per word; the cross-thread
-        # reduction over K happens once, after the loop
-        acc += tl.sum(xv[:, :, None] * d, axis=1) * s[None, :]
-    y = tl.sum(acc, axis=0)                                                     # [BN]
-    zero = tl.zeros((1,), dtype=tl.int32)
-    _store_out(y[None, :], zero, offs_n, mask_n[None, :], pid_k, 1, N, bias_ptr, out_ptr,
-               PARTIAL, HAS_BIAS)
-
-
-@triton.jit
-def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KW, group_len, chunks_per_split,
-                 BITS: tl.constexpr, PER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HALF_MATH: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``out = x @ W`` with in-register dequantization; grid ``(cdiv(N,BN), cdiv(M,BM), splits)``."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    offs_kk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    c0 = pid_k * chunks_per_split
-    c1 = tl.minimum(c0 + chunks_per_split, tl.cdiv(K, BLOCK_K))
-    for c in range(c0, c1):
-        k0 = c * BLOCK_K
-        a = tl.load(x_ptr + offs_m[:, None] * K + (k0 + offs_kk)[None, :],
-                    mask=mask_m[:, None] & ((k0 + offs_kk)[None, :] < K), other=0.0)  # [BM, BK]
-        codes = _load_codes(q_ptr, k0, offs_n, mask_n, N, KW, BITS, PER, BLOCK_K)
-        codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))                          # rows k0 + i*PER + j
-        w = _dequant_rows(codes, s_ptr, z_ptr, k0 // group_len, offs_n[None, :], mask_n[None, :],
-                          N, a.dtype, HALF_MATH)
-        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-    _store_out(acc, offs_m, offs_n, mask_m[:, None] & mask_n[None, :], pid_k, M, N, bias_ptr, out_ptr,
-               PARTIAL, HAS_BIAS)
-
-
-@triton.jit
-def _splitk_reduce_kernel(p_ptr, bias_ptr, out_ptr, MN, N, splits,
-                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """``out = sum_s partial[s] (+ bias)`` over fp32 partials ``[splits, M, N]``."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(splits):
-        acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, KW, group_len,
+def _dequant_kernel(q_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, KW, group_len,
                     BITS: tl.constexpr, PER: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                    ONE_GROUP: tl.constexpr, HALF_MATH: tl.constexpr):
-    """``W [K, N] = (codes - zeros) * scales``; grid ``(cdiv(K, BLOCK_K), cdiv(N, BLOCK_N))``.
-    ``ONE_GROUP``: every K-tile lies in one group, so one scale row is loaded per tile."""
+                    HAS_PERM: tl.constexpr):
+    """``W [K, N] = (codes - zeros) * scales``, stored row ``j`` written to row ``perm[j]``
+    (act-order) or ``j``; any group length; grid ``(cdiv(K, BLOCK_K), cdiv(N, BLOCK_N))``."""
     k0 = tl.program_id(0) * BLOCK_K
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
     mask = (offs_k[:, None] < K) & mask_n[None, :]
-    codes = tl.reshape(_load_codes(q_ptr, k0, offs_n, mask_n, N, KW, BITS, PER, BLOCK_K),
-                       (BLOCK_K, BLOCK_N))
-    if ONE_GROUP:
-        w = _dequant_rows(codes, s_ptr, z_ptr, k0 // group_len, offs_n[None, :], mask_n[None, :],
-                          N, w_ptr.dtype.element_ty, HALF_MATH)
-    else:  # group lengths no tile divides: one group index per row
-        g = tl.minimum(offs_k // group_len, tl.cdiv(K, group_len) - 1)[:, None]
-        w = _dequant_rows(codes, s_ptr, z_ptr, g, offs_n[None, :], mask, N, w_ptr.dtype.element_ty,
-                          HALF_MATH)
-    tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w, mask=mask)
-
-
-def _half_math(scale_dtype: torch.dtype, w_dtype: torch.dtype) -> bool:
-    return scale_dtype == torch.float16 and w_dtype == torch.float16
+    codes = tg.load_codes(q_ptr, k0, offs_n, mask_n, N, KW, BITS, PER, BLOCK_K)       # [BK, BN]
+    off = (offs_k // group_len)[:, None] * N + offs_n[None, :]                     # group of each row
+    s = tl.load(s_ptr + off, mask=mask, other=0.0)
+    z = tl.load(z_ptr + off, mask=mask, other=0)
+    w = (codes.to(s.dtype) - z.to(s.dtype)) * s
+    rows = offs_k
+    if HAS_PERM:
+        rows = tl.load(perm_ptr + offs_k, mask=offs_k < K, other=0)
+    tl.store(w_ptr + rows[:, None].to(tl.int64) * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
 def _per_word(bits: int) -> int:
     return 32 // bits if 32 % bits == 0 else 1
 
 
-def _block_ks(k: int, group_len: int, bits: int, sizes: tuple[int, ...]) -> list[int]:
-    """K-tile sizes whose tiles never straddle a group and start on a word boundary."""
-    return [bk for bk in sizes if bk >= _per_word(bits) and (group_len >= k or group_len % bk == 0)]
-
-
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                group_len: int, in_features: int, dtype: torch.dtype | None = None,
-               block_k: int = 32, block_n: int = 128) -> torch.Tensor:
-    """Dequantize to ``[K, N]`` (stored row order) in ``dtype`` (default: the scales' dtype)."""
+               block_k: int = 32, block_n: int = 128, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize to ``[K, N]`` in ``dtype`` (default: the scales' dtype); stored row order, or
+    input-column order when ``perm`` is given (row ``j`` goes to ``perm[j]``)."""
     check_device(qweight)
     k, n = in_features, qweight.shape[1]
     w = torch.empty(k, n, dtype=dtype or scales.dtype, device=qweight.device)
-    one_group = group_len >= k or group_len % block_k == 0
     grid = (triton.cdiv(k, block_k), triton.cdiv(n, block_n))
-    _dequant_kernel[grid](qweight, scales, zeros, w, n, k, qweight.shape[0], group_len,
-                          BITS=bits, PER=_per_word(bits), BLOCK_K=block_k, BLOCK_N=block_n,
-                          ONE_GROUP=one_group, HALF_MATH=_half_math(scales.dtype, w.dtype), num_warps=4)
+    _dequant_kernel[grid](qweight, scales, zeros, perm if perm is not None else qweight, w, n, k,
+                          qweight.shape[0], group_len, BITS=bits, PER=_per_word(bits), BLOCK_K=block_k,
+                          BLOCK_N=block_n, HAS_PERM=perm is not None, num_warps=4)
     return w
 
 
-def run_config(cfg: Config, x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-               zeros: torch.Tensor, bits: int, group_len: int,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x2 [M, K] @ W + bias`` along the path and tiles of ``cfg`` (``x2`` already permuted)."""
-    m, k = x2.shape
-    n, kw = qweight.shape[1], qweight.shape[0]
-    if cfg["path"] == "dequant":
-        w = dequantize(qweight, scales, zeros, bits, group_len, k, x2.dtype,
-                       cfg.get("BLOCK_K", 32), cfg.get("BLOCK_N", 128))
-        return torch.addmm(bias.to(x2.dtype), x2, w) if bias is not None else x2 @ w
-    bm, bn, bk = cfg.get("BLOCK_M", 1), cfg["BLOCK_N"], cfg["BLOCK_K"]
-    chunks = triton.cdiv(k, bk)
-    per_split = triton.cdiv(chunks, cfg["SPLIT_K"])
-    splits = triton.cdiv(chunks, per_split)                                   # no empty splits
-    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    dst = torch.empty(splits, m, n, dtype=torch.float32, device=x2.device) if splits > 1 else out
-    common = dict(BITS=bits, PER=_per_word(bits), BLOCK_N=bn, BLOCK_K=bk, PARTIAL=splits > 1,
-                  HAS_BIAS=bias is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    bias_arg = bias if bias is not None else out
-    if cfg["path"] == "gemv":
-        _gemv_kernel[(triton.cdiv(n, bn), splits)](
-            x2, qweight, scales, zeros, bias_arg, dst, n, k, kw, group_len, per_split, **common)
-    else:
-        precision = "ieee" if x2.dtype == torch.float32 else "tf32"
-        _gemm_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), splits)](
-            x2, qweight, scales, zeros, bias_arg, dst, m, n, k, kw, group_len, per_split,
-            BLOCK_M=bm, HALF_MATH=_half_math(scales.dtype, x2.dtype), DOT_PRECISION=precision, **common)
-    if splits > 1:
-        block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-            dst, bias_arg, out, m * n, n, splits, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
-    return out
+def dequantize_fast(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_len: int,
+                    in_features: int, block_n: int = 16, block_k: int = 32, num_warps: int = 1) -> torch.Tensor:
+    """``W [K, N]`` through the fused kernel's 4-bit fast-path dequantization (fp16 / bf16 scales),
+    tile by tile as the dot sees it: for checking it against ``reference.dequantize`` bit for bit."""
+    check_device(qweight)
+    k, n = in_features, qweight.shape[1]
+    group = _group_const(k, group_len, block_k)
+    if group is None or scales.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the fast path does not take group_len={group_len} with block_k={block_k} / {scales.dtype}")
+    w = torch.zeros(k, n, dtype=scales.dtype, device=qweight.device)
+    q_desc = None
+    if _use_tma(qweight, n):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        q_desc = TensorDescriptor.from_tensor(qweight, [block_k // 8, block_n])
+    grid = (triton.cdiv(k, block_k), triton.cdiv(n, block_n))
+    tg.fast_tile_kernel[grid](qweight, q_desc, scales, zeros, w, n, k, qweight.shape[0], scales.shape[0],
+                              BN=block_n, BK=block_k, GROUP=group, NW=num_warps, ASM=not interpreting(),
+                              USE_TMA=q_desc is not None, num_warps=num_warps)
+    return w
 
 
-def _cfg(path: str, **kw: int) -> Config:
-    return {"path": path, "num_warps": 4, "num_stages": 3, **kw}
+# --- configs ----------------------------------------------------------------------------------
+
+def _group_const(k: int, group_len: int, block_k: int) -> int | None:
+    """The kernel's GROUP constexpr (0: one group), or None when no K tile fits the groups."""
+    if group_len >= k:
+        return 0
+    if group_len % block_k == 0 or (block_k % group_len == 0 and group_len % 8 == 0):
+        return group_len
+    return None
+
+
+def fast_path(bits: int, x_dtype: torch.dtype, s_dtype: torch.dtype) -> bool:
+    """4-bit codes with fp16 or bf16 scales in the activation dtype."""
+    return bits == 4 and s_dtype == x_dtype and x_dtype in (torch.float16, torch.bfloat16)
+
+
+def fused_fits(cfg: Config, k: int, group_len: int, bits: int) -> bool:
+    """Whether a fused config's K tile fits the groups and the packing."""
+    bk = cfg["BLOCK_K"]
+    return _group_const(k, group_len, bk) is not None and bk % 32 == 0 and bk >= _per_word(bits)
+
+
+def _fused(bn: int, bk: int, warps: int = 4, stages: int = 3, **kw: int) -> Config:
+    return {"path": "fused", "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages, **kw}
 
 
 def candidate_configs(m: int, n: int, k: int, group_len: int, bits: int,
                       device: torch.device) -> list[Config]:
-    """Candidate paths/tiles for a problem; the first is the untimed default (small on CPU)."""
-    if device.type != "cuda":  # interpreter: one small config per path
-        bks = _block_ks(k, group_len, bits, (16, 32))
-        if not bks:
-            return [_cfg("dequant", BLOCK_K=16, BLOCK_N=32)]
-        bk = bks[-1]
-        if m == 1:
-            return [_cfg("gemv", BLOCK_N=32, BLOCK_K=bk, SPLIT_K=2)]
-        if m <= GEMM_ONLY_M:
-            return [_cfg("gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=bk, SPLIT_K=2)]
-        return [_cfg("dequant", BLOCK_K=16, BLOCK_N=32)]
-    dequant = _cfg("dequant", BLOCK_K=32, BLOCK_N=128)
-    bks = _block_ks(k, group_len, bits, (32, 64, 128))[-2:] or _block_ks(k, group_len, bits, (16,))
-    if m > FUSED_MAX_M or not bks:
+    """Configs worth timing for a problem; the first is the heuristic default."""
+    dequant = {"path": "dequant", "BLOCK_K": 32, "BLOCK_N": 128}
+    if device.type != "cuda":  # interpreter: small tiles, one per path
+        cfg = _fused(16, 32, warps=1, stages=2)
+        fits = m <= FUSED_MAX_M and fused_fits(cfg, k, group_len, bits)
+        return [cfg] if fits else [dict(dequant, BLOCK_K=16, BLOCK_N=32)]
+    if m > FUSED_MAX_M:
         return [dequant]
-    out: list[Config] = []
-    if m == 1:
-        for bn in (128, 64, 256):
-            for bk in reversed(bks):
-                split = split_k_for(triton.cdiv(n, bn), triton.cdiv(k, bk), device, waves=4.0)
-                if bk // _per_word(bits) * bn > 4096:  # fp32 accumulator tile: <= 32 regs/thread
-                    continue
-                for s in dict.fromkeys((split, max(split // 2, 1), split * 2)):
-                    out.append(_cfg("gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s, num_stages=4))
-        return out
-    bms = [16] if m <= 16 else [32] if m <= 32 else [64] if m <= 64 else [64, 128] if m <= 128 else [64, 128, 256]
-    for bm in bms:
-        for bn in (128, 64, 256):
-            if bm * bn > 128 * 128:
-                continue
-            for bk in reversed(bks):
-                warps = 8 if bm * bn >= 128 * 128 else 4
-                split = split_k_for(triton.cdiv(n, bn) * triton.cdiv(m, bm), triton.cdiv(k, bk), device)
-                for s in dict.fromkeys((split, 1, split * 2) if bm <= 32 else (split, 1)):
-                    out.append(_cfg("gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s,
-                                    num_warps=warps, num_stages=4 if bm <= 32 else 3))
-    if m > GEMM_ONLY_M:
-        out.append(dequant)
+    # register budgets from compiling for sm_90 (sass_count; the first entry is the default):
+    # 4-bit M<=8: 256x128 2.3 instructions/code, 221 regs; M<=16: 128x128 177 regs; M<=64 the x
+    # gather grows with M: 128x32 (192 regs) and 64x64 stay out of local memory, 128x64 spills a
+    # little; other bit widths (generic dequantization): 128x128 / 128x64 (80..233 regs)
+    if bits != 4:
+        tiles = [(128, 128, 3), (128, 64, 3), (256, 64, 3), (64, 128, 3)] if m <= 16 else [(128, 32, 3), (64, 64, 3)]
+    elif m <= 8:
+        tiles = [(256, 128, 3), (256, 128, 4), (128, 128, 3), (128, 256, 3), (256, 64, 3), (128, 128, 4)]
+    elif m <= 16:
+        tiles = [(128, 128, 3), (256, 128, 3), (256, 64, 3), (128, 128, 4), (128, 64, 3)]
+    else:
+        tiles = [(128, 32, 3), (64, 64, 3), (128, 64, 3), (128, 32, 4)]
+    out = [c for c in (_fused(bn, bk, stages=st) for bn, bk, st in tiles) if fused_fits(c, k, group_len, bits)]
+    return out + [dequant] if m > 16 or not out else out
+
+
+def default_config(m: int, n: int, k: int, group_len: int, bits: int, device: torch.device,
+                   x_dtype: torch.dtype = torch.float16, s_dtype: torch.dtype = torch.float16) -> Config:
+    """The config a call uses: tuned / cached / shipped (:mod:`autotune`), else the heuristic."""
+    key = _key(m, n, k, group_len, bits, x_dtype, s_dtype)
+    table_key = ("wxa16", m_class(m), bits, "g<=64" if group_len <= 64 else "g>=128")
+    cfg = STORE.lookup(key, device, table_key)
+    if cfg is not None and (cfg["path"] == "dequant" or (m <= FUSED_MAX_M and fused_fits(cfg, k, group_len, bits))):
+        return cfg
+    return candidate_configs(m, n, k, group_len, bits, device)[0]
+
+
+def _key(m: int, n: int, k: int, group_len: int, bits: int, x_dtype: torch.dtype, s_dtype: torch.dtype) -> tuple:
+    return (m_class(m), n, k, group_len, bits, str(x_dtype), str(s_dtype))
+
+
+# --- plans and launches -----------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """Launch parameters of one problem, computed once."""
+    cfg: Config
+    grid: tuple[int, int, int] = (1, 1, 1)
+    per_split: int = 1
+    splits: int = 1
+    consts: dict | None = None
+    ws: torch.Tensor | None = None       # fp32 split-K partials [splits, M, N]
+    cnt: torch.Tensor | None = None      # int32 arrival counters, one per output tile
+
+
+_PLANS: dict[tuple, Plan] = {}
+
+
+def _use_tma(qweight: torch.Tensor, n: int) -> bool:
+    if n % 4 or qweight.stride(1) != 1 or qweight.data_ptr() % 16:
+        return False
+    return interpreting() or (qweight.is_cuda and capability(qweight.device.index or 0)[0] >= 9)
+
+
+def plan_params(cfg: Config, m: int, n: int, k: int, group_len: int, bits: int, x_dtype: torch.dtype,
+                s_dtype: torch.dtype, device: torch.device, has_bias: bool, has_perm: bool) -> Plan:
+    """Grid and constexprs of ``cfg`` for a problem (``m``: the most rows the plan serves), no
+    buffers; a fused config that does not fit the problem becomes the dequant path."""
+    compiled_fp32 = x_dtype == torch.float32 and not interpreting()    # ieee fp32 dot: FMA, spills
+    if cfg["path"] != "fused" or m > FUSED_MAX_M or compiled_fp32 or not fused_fits(cfg, k, group_len, bits):
+        return Plan({"path": "dequant", "BLOCK_K": 32, "BLOCK_N": 128} if cfg["path"] == "fused" else cfg)
+    bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
+    bm = max(8, triton.next_power_of_2(m))
+    n_tiles, chunks = triton.cdiv(n, bn), triton.cdiv(k, bk)                   # one M tile: m <= bm
+    split = cfg.get("SPLIT_K") or split_k_for(n_tiles, chunks, device)
+    per_split = triton.cdiv(chunks, split)
+    splits = triton.cdiv(chunks, per_split)                                    # no empty splits
+    fast = fast_path(bits, x_dtype, s_dtype) and (group_len >= k or group_len % 8 == 0)
+    consts = dict(BITS=bits, BM=bm, BN=bn, BK=bk, GROUP=_group_const(k, group_len, bk),
+                  NW=cfg["num_warps"], FAST=fast, ASM=not interpreting(), ONE_ROW=m == 1,
+                  HAS_PERM=has_perm, HAS_BIAS=has_bias, SPLIT=splits > 1, STAGES=cfg["num_stages"],
+                  DOT_PRECISION="ieee" if x_dtype == torch.float32 else "tf32")
+    return Plan(cfg, (n_tiles, splits, 1), per_split, splits, consts)
+
+
+def make_plan(cfg: Config, m: int, n: int, k: int, group_len: int, bits: int, x_dtype: torch.dtype,
+              s_dtype: torch.dtype, device: torch.device, has_bias: bool, has_perm: bool) -> Plan:
+    """:func:`plan_params` plus the split-K workspace (partials for up to ``m`` rows, counters)."""
+    plan = plan_params(cfg, m, n, k, group_len, bits, x_dtype, s_dtype, device, has_bias, has_perm)
+    if plan.splits > 1:
+        plan.ws = torch.empty(plan.splits, m, n, dtype=torch.float32, device=device)
+        plan.cnt = torch.zeros(plan.grid[0], dtype=torch.int32, device=device)
+    return plan
+
+
+def sass_spec(m: int = 1, n: int = 8192, k: int = 8192, group_len: int = 128, bits: int = 4,
+              dtype: torch.dtype = torch.float16, cfg: Config | None = None, arch: int = 90) -> dict:
+    """How a launch would specialise the fused kernel for this problem (for ``sass_count.py``,
+    which compiles it for ``sm_<arch>`` without a GPU): kernel, argument types / values, constexprs."""
+    dev = torch.device("cuda", 0)
+    cfg = cfg or default_config(m, n, k, group_len, bits, dev, dtype, dtype)
+    plan = plan_params(cfg, m, n, k, group_len, bits, dtype, dtype, dev, False, False)
+    if cfg["path"] != "fused" or plan.consts is None:
+        raise ValueError(f"{cfg} is not a fused config for this problem")
+    c, ty = plan.consts, {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    tma = c["FAST"] and arch >= 90 and n % 4 == 0
+    ptrs = dict(x_ptr=f"*{ty}", perm_ptr=f"*{ty}", q_ptr="*i32", s_ptr=f"*{ty}", z_ptr="*u8",
+                bias_ptr=f"*{ty}", out_ptr=f"*{ty}", ws_ptr="*fp32" if plan.splits > 1 else f"*{ty}",
+                cnt_ptr="*i32" if plan.splits > 1 else f"*{ty}")
+    consts = dict(c, ASM=True, USE_TMA=tma)
+    if tma:
+        ptrs["q_desc"] = f"tensordesc<i32[{c['BK'] // 8}, {c['BN']}]>"
+    else:
+        consts["q_desc"] = None
+    ints = dict(M=m, N=n, K=k, KW=(k * bits + 31) // 32, G=num_groups(k, group_len),
+                chunks_per_split=plan.per_split, splits=plan.splits)
+    return dict(fn=tg.fused_kernel, ptrs=ptrs, ints=ints, consts=consts, num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"], codes_per_thread=c["BK"] * c["BN"] / (32 * cfg["num_warps"]),
+                cfg=dict(cfg, SPLIT_K=plan.splits),
+                title=f"fused_bn{c['BN']}_bk{c['BK']}_bm{c['BM']}_w{cfg['num_warps']}_s{cfg['num_stages']}")
+
+
+def launch(plan: Plan, x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+           bits: int, group_len: int, bias: torch.Tensor | None, perm: torch.Tensor | None) -> torch.Tensor:
+    """``x2 [M, K] @ W (+ bias)`` along ``plan`` (``x2`` in input-column order)."""
+    m, k = x2.shape
+    n = qweight.shape[1]
+    cfg = plan.cfg
+    if cfg["path"] == "dequant":
+        w = dequantize(qweight, scales, zeros, bits, group_len, k, x2.dtype, cfg.get("BLOCK_K", 32),
+                       cfg.get("BLOCK_N", 128), perm=perm)
+        return torch.addmm(bias.to(x2.dtype), x2, w) if bias is not None else x2 @ w
+    c = plan.consts
+    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    q_desc = None
+    if c["FAST"] and _use_tma(qweight, n):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        q_desc = TensorDescriptor.from_tensor(qweight, [c["BK"] // 8, c["BN"]])
+    tg.fused_kernel[plan.grid](
+        x2, perm if perm is not None else x2, qweight, q_desc, scales, zeros,
+        bias if bias is not None else out, out, plan.ws if plan.ws is not None else out,
+        plan.cnt if plan.cnt is not None else out, m, n, k, qweight.shape[0], scales.shape[0],
+        plan.per_split, plan.splits, USE_TMA=q_desc is not None, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **c)
     return out
+
+
+def run_config(cfg: Config, x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+               zeros: torch.Tensor, bits: int, group_len: int, bias: torch.Tensor | None = None,
+               perm: torch.Tensor | None = None) -> torch.Tensor:
+    """``x2[:, perm] @ W + bias`` along ``cfg`` with a fresh plan (tests, tuning, benchmarks)."""
+    m, k = x2.shape
+    plan = make_plan(cfg, m, qweight.shape[1], k, group_len, bits, x2.dtype, scales.dtype, x2.device,
+                     bias is not None, perm is not None)
+    return launch(plan, x2.contiguous(), qweight, scales, zeros, bits, group_len, bias, perm)
+
+
+def _plan(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+          group_len: int, bias: torch.Tensor | None, perm: torch.Tensor | None) -> Plan:
+    """The cached plan of this problem; built once (with a measured tune if PTQKIT_AUTOTUNE=1)."""
+    m, k = x2.shape
+    n = qweight.shape[1]
+    m_key = m if m <= 16 else m_class(m)           # plans for M > 16 cover a power-of-two bucket
+    key = (x2.device, m_key, n, k, group_len, bits, x2.dtype, scales.dtype, bias is not None, perm is not None)
+    plan = _PLANS.get(key)
+    if plan is None:
+        dev = torch.device("cpu") if interpreting() else x2.device             # interpreter: small tiles
+        cfg = default_config(m, n, k, group_len, bits, dev, x2.dtype, scales.dtype)
+        skey = _key(m, n, k, group_len, bits, x2.dtype, scales.dtype)
+        if autotune_enabled() and can_time(x2.device) and skey not in STORE.best:
+            cfg, _ = STORE.tune(skey, candidate_configs(m, n, k, group_len, bits, x2.device),
+                                lambda c: run_config(c, x2, qweight, scales, zeros, bits, group_len, bias, perm),
+                                x2.device)
+        plan = make_plan(cfg, m_key, n, k, group_len, bits, x2.dtype, scales.dtype, x2.device,
+                         bias is not None, perm is not None)
+        _PLANS[key] = plan
+    return plan
 
 
 def wxa16_linear(
@@ -330,22 +324,13 @@ def wxa16_linear(
 ) -> torch.Tensor:
     """``y = x[..., perm] @ dequant(W) + bias`` (same contract as the reference)."""
     check_device(x)
-    k = x.shape[-1]
-    n = qweight.shape[1]
+    k, n = x.shape[-1], qweight.shape[1]
     if qweight.shape[0] != (k * bits + 31) // 32 or scales.shape != (num_groups(k, group_len), n):
         raise ValueError(f"qweight {tuple(qweight.shape)} / scales {tuple(scales.shape)} do not fit "
                          f"K={k}, bits={bits}, group_len={group_len}")
-    x2 = x.reshape(-1, k)                                                      # [M, K]
-    if perm is not None:
-        x2 = x2.index_select(1, perm)                                         # act-order, once
-    x2 = x2.contiguous()
-    m = x2.shape[0]
-    if m == 0:
+    x2 = x.reshape(-1, k).contiguous()                                           # [M, K]
+    if x2.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], n)
-    key = (m_bucket(m), n, k, group_len, bits, x2.dtype, scales.dtype, bias is not None)
-    tune_dev = torch.device("cpu") if interpreting() else x2.device          # interpreter: small tiles
-    cands = candidate_configs(m, n, k, group_len, bits, tune_dev)
-    cfg = _TUNER.pick(key, cands, lambda c: run_config(c, x2, qweight, scales, zeros, bits, group_len, bias),
-                      tune_dev)
-    y = run_config(cfg, x2, qweight, scales, zeros, bits, group_len, bias)
+    plan = _plan(x2, qweight, scales, zeros, bits, group_len, bias, perm)
+    y = launch(plan, x2, qweight, scales, zeros, bits, group_len, bias, perm)
     return y.reshape(*x.shape[:-1], n)
