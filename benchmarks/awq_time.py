@@ -73,7 +73,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     from ptqkit.calibration.data import load_calibration
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from quantize_time import PeakRSS
+    from ptqkit.estimate import PeakMemory
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,8 +85,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"variant": args.child, "method": method, "bits": args.bits, "group_size": args.group_size,
                            "sym": args.sym, "samples": args.samples, "seqlen": args.seqlen,
                            "calibration_fingerprint": calib.fingerprint}
-    with PeakRSS() as mem:
-        before = mem.rss() / 2**20
+    with PeakMemory() as mem:
         t0 = time.perf_counter()
         ptqkit.quantize(model, method, calibration=calib, bits=args.bits, group_size=args.group_size, sym=args.sym,
                         batch_size=args.batch_size)
@@ -98,8 +97,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         blocks.append({"index": b["index"], "seconds": b["seconds"], "observe_s": st.get("observe_s", 0.0),
                        "scale_s": st.get("scale_s", 0.0), "clip_s": st.get("clip_s", 0.0),
                        "alphas": [m["alpha"] for m in st.get("mappings", [])]})
-    out.update(blocks=blocks, capture_s=info["timings"].get("capture_s", 0.0), rss_before_mb=before,
-               peak_rss_mb=mem.peak_mb, peak_increase_mb=mem.peak_mb - before)
+    out.update(blocks=blocks, capture_s=info["timings"].get("capture_s", 0.0), rss_before_mb=mem.start / 2**20,
+               peak_rss_mb=mem.peak_mb, peak_increase_mb=mem.extra_mb)
     out.update(score(model, base, tok, args.eval_windows))
     return out
 

@@ -4,28 +4,58 @@ runs the fit never saw (docs/scaling.md tables).
     python benchmarks/estimate_check.py               # all 18 runs (~15 min on 2 cores)
     python benchmarks/estimate_check.py --held-out    # only the 5 the fit never saw
 
-Each run quantizes in a fresh interpreter with one thread and the lean allocator
-(``PTQKIT_MALLOC_TUNE=lean``, what the runner takes when memory is tight;
-``tests/test_estimate.py::_measure``) and reports the RSS high-water mark over the paged-in model
-against ``host_peak - host_model``.
+Each run quantizes in a fresh interpreter with one thread, as the ``ptqkit`` command runs when memory
+is tight (one malloc arena, freed memory returned to the kernel at every barrier:
+``PTQKIT_MALLOC_TUNE=trim``), and reports
+the RSS high-water mark over the paged-in model against ``host_peak - host_model``.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import ptqkit.estimate as E
 
-import ptqkit.estimate as E  # noqa: E402
-from conftest import tiny_llama_config  # noqa: E402
-from test_estimate import _measure  # noqa: E402
+MEASURE = """
+import json, torch, ptqkit
+from ptqkit import estimate as E
+from ptqkit.calibration import host
+host.tune_process()  # as the ptqkit command does for itself: one malloc arena
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = {make}
+for p in model.parameters():  # page in weights a safetensors load left memory-mapped: they count as the model
+    p.detach().sum()
+ids = torch.randint(0, model.config.vocab_size, ({n}, {length}), generator=torch.Generator().manual_seed(0))
+with E.PeakMemory() as mem:
+    ptqkit.quantize(model, {method!r}, calibration=ids, batch_size={batch}, pipeline={pipeline!r}, **{kw!r})
+print("@@" + json.dumps(mem.peak - mem.start))
+"""
+
+
+def tiny_config(**kw):  # noqa: ANN003, ANN201
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**{**dict(vocab_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=512), **kw})
+
+
+def measure(make: str, method: str, n: int, length: int, batch: int, pipeline: str, **kw) -> int:  # noqa: ANN003
+    code = MEASURE.format(make=make, n=n, length=length, method=method, batch=batch, pipeline=pipeline, kw=kw)
+    env = {**os.environ, "PTQKIT_MALLOC_TUNE": "trim"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    return json.loads(out.split("@@")[-1])
+
 
 SMOL = None  # SmolLM2-135M
 
 
 def _tiny(h: int, i: int) -> dict:
-    return dict(max_position_embeddings=512, hidden_size=h, intermediate_size=i)
+    return dict(hidden_size=h, intermediate_size=i)
 
 
 #: (model kwargs or SMOL, method, samples, seqlen, batch, pipeline)
@@ -45,10 +75,11 @@ def check(kw: dict | None, method: str, n: int, length: int, batch: int, pipelin
             "ptqkit.load_model('smollm2-135m')[0]"
     else:
         name = f"tiny h{kw['hidden_size']} i{kw['intermediate_size']}"
-        shape, make = E.ModelShape.from_config(tiny_llama_config(**kw)), f"__import__('test_estimate')._tiny(**{kw!r})"
+        cfg = tiny_config(**kw)
+        shape, make = E.ModelShape.from_config(cfg), f"LlamaForCausalLM(LlamaConfig(**{cfg.to_dict()!r})).eval()"
     extra = {} if kw is None or method == "smoothquant" else {"bits": 4, "group_size": 32}
     est = E.estimate(shape, method, n, length, batch, pipeline)
-    measured = _measure(make, method, n, length, batch, pipeline, **extra)
+    measured = measure(make, method, n, length, batch, pipeline, **extra)
     predicted = est.host_peak - est.host_model
     return (f"| {name} | {method} | {pipeline} | {n} x {length} | {batch} | {measured / 2**20:.1f} | "
             f"{predicted / 2**20:.1f} | {predicted / measured - 1:+.0%} |")

@@ -8,56 +8,26 @@
 Each run happens in a fresh child process (so peak memory is its own): the model is loaded, then
 ``ptqkit.quantize`` (or llm-compressor's ``oneshot`` with a ``GPTQModifier`` of the same scheme) runs
 on the same calibration ids; ``--smoothquant ALPHA`` times SmoothQuant then GPTQ W8A8 in both tools
-(llm-compressor: ``SmoothQuantModifier`` + ``GPTQModifier(scheme="W8A8")``). Model loading is excluded from the quantization time. For ptqkit the
-time is split into the forward passes (block time minus the rest), the Hessian accumulation
-(``observe``) and the GPTQ math (``quantize``). ``--compare-llmcompressor`` needs ``llmcompressor``
-importable by ``--llmc-python`` (default: this interpreter); ptqkit itself never needs it.
+(llm-compressor: ``SmoothQuantModifier`` + ``GPTQModifier(scheme="W8A8")``). Model loading is
+excluded from the quantization time. For ptqkit the time is split into the forward passes (block
+time minus the rest), the Hessian accumulation and the GPTQ math (``quantize``).
+``--compare-llmcompressor`` needs ``llmcompressor`` importable by ``--llmc-python`` (default: this
+interpreter); ptqkit itself never needs it.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
+import os
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
+from ptqkit.estimate import PeakMemory  # noqa: E402  (Linux: exact high-water mark of the process)
+
 MARK = "@@RESULT@@ "
-
-
-class PeakRSS:
-    """Samples the resident set size (Linux ``/proc/self/statm``) in a thread; ``peak_mb`` after stop."""
-
-    def __init__(self, interval: float = 0.05) -> None:
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE")
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> "PeakRSS":
-        self.peak = self.rss()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
-
-    @property
-    def peak_mb(self) -> float:
-        return self.peak / 2**20
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -113,8 +83,7 @@ def child_ptqkit(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"tool": "ptqkit", "options": dict(args.option)}
     if args.eval_windows:
         out["ppl_fp"] = perplexity(copy.deepcopy(model), tok, args.eval_windows)
-    with PeakRSS() as mem:
-        before = mem.rss() / 2**20
+    with PeakMemory() as mem:
         t0 = time.perf_counter()
         method, opts = recipe(args)
         ptqkit.quantize(model, method, calibration=calib, batch_size=args.batch_size, **opts, **dict(args.option))
@@ -129,8 +98,8 @@ def child_ptqkit(args: argparse.Namespace) -> dict[str, Any]:
         hess = sum(v.get("hessian_s", 0.0) for v in mine)
         blocks.append({"index": b["index"], "seconds": b["seconds"], "gptq_s": gptq, "hessian_s": hess,
                        "forward_s": b["seconds"] - gptq - hess})
-    out.update(blocks=blocks, capture_s=info["timings"].get("capture_s", 0.0), rss_before_mb=before,
-               peak_rss_mb=mem.peak_mb, peak_increase_mb=mem.peak_mb - before,
+    out.update(blocks=blocks, capture_s=info["timings"].get("capture_s", 0.0), rss_before_mb=mem.start / 2**20,
+               peak_rss_mb=mem.peak_mb, peak_increase_mb=mem.extra_mb,
                damps=sorted({v["damp"] for v in layers.values() if "damp" in v}))
     out["ppl_q"] = perplexity(model, tok, args.eval_windows)
     return out
@@ -152,15 +121,14 @@ def run_oneshot(model: Any, ids: Any, recipe: Any, batch_size: int) -> dict[str,
     from llmcompressor import oneshot
 
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * ids.shape[1]] * ids.shape[0]})
-    with PeakRSS() as mem:
-        before = mem.rss() / 2**20
+    with PeakMemory() as mem:
         t0 = time.perf_counter()
         oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=ids.shape[0],
                 max_seq_length=ids.shape[1], batch_size=batch_size, shuffle_calibration_samples=False,
                 pipeline="sequential")
         total = time.perf_counter() - t0
-    return {"total_s": total, "rss_before_mb": before, "peak_rss_mb": mem.peak_mb,
-            "peak_increase_mb": mem.peak_mb - before}
+    return {"total_s": total, "rss_before_mb": mem.start / 2**20, "peak_rss_mb": mem.peak_mb,
+            "peak_increase_mb": mem.extra_mb}
 
 
 def child_llmcompressor(args: argparse.Namespace) -> dict[str, Any]:

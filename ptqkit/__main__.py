@@ -1,5 +1,4 @@
-import sys
+"""``python -m ptqkit``: the command line (``ptqkit/cli.py``)."""
+from .cli import entry
 
-from .cli import main
-
-sys.exit(main())
+entry()

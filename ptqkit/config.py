@@ -1,6 +1,6 @@
 """Recipes: ordered algorithm steps (transforms, then one quantizer) built from names, dicts or YAML.
 
-Option routing (DESIGN.md): a keyword option goes to every step whose config has a field of
+Option routing (docs/design.md): a keyword option goes to every step whose config has a field of
 that name; a name no step takes is an error. Per-step options come as dicts:
 ``[{"method": "smoothquant", "alpha": 0.8}, {"method": "gptq"}]``.
 """
@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 from typing import Any, Sequence, Union
+
+from pydantic import ValidationError
 
 from .algorithms.base import Algorithm, Quantizer, Transform
 from .registry import get_algorithm
@@ -21,26 +23,41 @@ def _fields(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls.Config)}
 
 
-def _load_yaml(path: str) -> list[StepSpec]:
+def _load_yaml(path: str) -> tuple[list[StepSpec], dict[str, Any]]:
+    """A recipe file: a list of steps, or a mapping with ``recipe:`` (the steps) and ``options:`` (routed to
+    the steps like keyword options); anything else in it is an error naming the file and line."""
     import yaml
 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"recipe file {path!r} does not exist")
-    data = yaml.safe_load(p.read_text())
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ValueError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML: "
+                         f"{getattr(e, 'problem', None) or e}") from None
+    options: Any = {}
     if isinstance(data, dict):
-        data = data.get("recipe", data.get("steps"))
+        unknown = sorted(set(data) - {"recipe", "options"})
+        if unknown:
+            raise ValueError(f"{path}: unknown top-level key(s) {unknown}: a recipe file has 'recipe' (the steps) "
+                             "and optionally 'options'")
+        data, options = data.get("recipe"), data.get("options") or {}
     if not isinstance(data, list) or not data:
         raise ValueError(f"{path}: a recipe file holds a non-empty list of steps (or a 'recipe:' key with one)")
-    return data
+    if not isinstance(options, dict):
+        raise ValueError(f"{path}: 'options' must be a mapping of option names to values, got {options!r}")
+    return data, options
 
 
-def _normalize(method: MethodSpec) -> list[dict]:
-    """Any method spec -> list of ``{"method": name, **options}`` dicts."""
+def _normalize(method: MethodSpec) -> tuple[list[dict], dict[str, Any]]:
+    """Any method spec -> ``([{"method": name, **options}, ...], options of a recipe file)``."""
     if isinstance(method, str):
         if method.endswith((".yaml", ".yml")):
-            return _normalize(_load_yaml(method))
-        return [{"method": method}]
+            steps, options = _load_yaml(method)
+            return _normalize(steps)[0], options
+        return [{"method": method}], {}
     if not isinstance(method, (list, tuple)) or not method:
         raise ValueError(f"method must be a name, a YAML path or a non-empty list of steps, got {method!r}")
     steps = []
@@ -51,16 +68,17 @@ def _normalize(method: MethodSpec) -> list[dict]:
             steps.append(dict(s))
         else:
             raise ValueError(f"recipe step {i}: expected a method name or a dict with a 'method' key, got {s!r}")
-    return steps
+    return steps, {}
 
 
 def build_recipe(method: MethodSpec, options: dict[str, Any] | None = None) -> list[Algorithm]:
     """Instantiate the steps of a recipe with their configs, validating order and options.
 
-    A transform with no quantizer after it gets ``rtn`` appended (``"awq"`` = AWQ then RTN).
+    A transform with no quantizer after it gets ``rtn`` appended (``"awq"`` = AWQ then RTN). A recipe file's
+    ``options`` apply like keyword ``options``, which win over them.
     """
-    options = dict(options or {})
-    specs = _normalize(method)
+    specs, file_options = _normalize(method)
+    options = {**file_options, **(options or {})}  # keyword options (the command line) over the file's
     classes = [get_algorithm(s["method"]) for s in specs]
     kinds = [c.kind for c in classes]
     if kinds.count("quantizer") > 1:
@@ -95,10 +113,21 @@ def build_recipe(method: MethodSpec, options: dict[str, Any] | None = None) -> l
         kw.update(own)
         try:
             config = cls.Config(**kw)
-        except TypeError as e:
-            raise ValueError(f"step {cls.name!r}: {e}") from e
+        except ValidationError as e:
+            raise ValueError(f"step {cls.name!r}: {describe(e)}") from None
         steps.append(cls(config))
     return steps
+
+
+def describe(e: ValidationError) -> str:
+    """A pydantic validation error in one line: ``bits=9: input should be less than or equal to 8``."""
+    parts: dict[str, list[str]] = {}
+    for err in e.errors():
+        field = str(err["loc"][0]) if err["loc"] else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        where = f"{field}={err['input']!r}: " if field and not msg.startswith(field + "=") else ""
+        parts.setdefault(where, []).append(msg[0].lower() + msg[1:] if msg else msg)
+    return "; ".join(where + " or ".join(dict.fromkeys(msgs)) for where, msgs in parts.items())
 
 
 def recipe_to_list(steps: Sequence[Algorithm]) -> list[dict[str, Any]]:

@@ -56,6 +56,17 @@ def env_world_size() -> int:
         raise ValueError(f"WORLD_SIZE={value!r} is not an integer; launch with torchrun --nproc-per-node N") from None
 
 
+def env_rank() -> int:
+    """This process's rank as torchrun sets it; 0 outside a torchrun launch (a stray ``RANK`` alone does not
+    make a run distributed)."""
+    if env_world_size() <= 1:
+        return 0
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        raise ValueError(f"RANK={os.environ['RANK']!r} is not an integer; launch with torchrun") from None
+
+
 def init_from_env(device: str | torch.device | None = None) -> bool:
     """Start the process group from torchrun's environment when ``WORLD_SIZE > 1``.
 

@@ -12,38 +12,37 @@ size, ``e`` bytes per element:
   ``max(3H + 2·kv_dim, 2H + I)`` values per token (o_proj: normed input, q, k, v, attention
   output; down_proj: residual, normed input, gated product). *Two-pass* holds one batch's;
   ``offload_activations`` moves inputs/outputs (not the intermediates) to the host;
-- **statistics**: GPTQ's fp32 Hessians ``K×K`` (sequential: one at a time, plus the per-batch
-  ``Σ x xᵀ`` cache of at most 256 MiB; two-pass: every linear's at once); AWQ's Gram matrices of
-  each distinct linear input plus its sampled token rows; SmoothQuant's per-channel maxima (tiny);
-- **workspace**: quantizing the largest linear (GPTQ: fp32 weight copy, error and result buffers,
-  the inverse Cholesky factor; RTN: a fp32 weight copy).
+- **statistics** and **workspace**: what each recipe step says it holds (``Algorithm.memory``: GPTQ's
+  fp32 Hessians and their factorization, AWQ's Gram matrices and sampled rows, ...), summed over the
+  steps; the workspace is the largest step's.
 
 On the host add the whole model's weights (the model stays there; disk-offloaded: at most the
 ``host_weights_budget``) and the quantized blocks as they accumulate (≈ 4 bits a weight). On a CPU
 run the host *is* the device, every term lands in host memory, and the batch threads' own buffers
-and a fixed overhead are added (``CPU_THREAD``, ``CPU_FIXED``; measured with glibc's allocator
-lean, as the runner makes it when memory is tight). ``check`` compares the estimate with free memory and names the knobs that
-would make a run fit.
+and a fixed overhead are added (``CPU_THREAD``, ``CPU_FIXED``; measured with freed memory returned to
+the kernel, as the runner does when memory is tight). ``check`` compares the estimate with free
+memory and names the knobs that would make a run fit.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import logging
+import os
 import re
 import threading
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
 
 GIB = 2**30
-GRAM_CACHE_BYTES = 256 * 2**20  # gptq.GRAM_CACHE_BYTES (the per-batch Σ x xᵀ cache)
-#: CPU runs (glibc with one arena and the fixed 1 MiB mmap threshold that the runner sets when memory
-#: is tight, ``ptqkit/calibration/host.py``; without it the peak is 1.0-2.2x this): every
+#: CPU runs (measured with one malloc arena and a fixed 1 MiB mmap threshold: the live set, as freed memory
+#: returned to the kernel at every barrier gives when memory is tight, ``ptqkit/calibration/host.py``;
+#: glibc left alone peaks at 1.0-2.2x this): every
 #: calibration batch of the sequential pipeline runs in its own thread, and each thread costs about
 #: ``CPU_THREAD[0] + CPU_THREAD[1]·(H + I)`` bytes beyond the activations it holds (the BLAS's
 #: per-thread buffers grow with the matrices), plus ``CPU_FIXED`` once. Least-squares fit over 13
@@ -82,6 +81,24 @@ class ModelShape:
     @property
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    def inputs(self) -> tuple[int, ...]:
+        """Widths of a block's distinct linear inputs: q/k/v, o, gate/up, down."""
+        return self.hidden, self.q_dim, self.hidden, self.intermediate
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """A Llama-like block's linears: name -> ``(in_features, out_features)``."""
+        h, i, q, kv = self.hidden, self.intermediate, self.q_dim, self.kv_dim
+        return {"self_attn.q_proj": (h, q), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
+                "self_attn.o_proj": (q, h), "mlp.gate_proj": (h, i), "mlp.up_proj": (h, i), "mlp.down_proj": (i, h)}
+
+    def largest_linear(self) -> int:
+        """Elements of the block's largest weight matrix."""
+        return self.hidden * max(self.intermediate, self.q_dim)
 
     def block_params(self) -> int:
         h, i, q = self.hidden, self.intermediate, self.heads * self.head_dim
@@ -140,23 +157,23 @@ def load_config(model: str) -> Any:
     return AutoConfig.from_pretrained(resolve_model_path(model))
 
 
-def _gptq_stats(s: ModelShape, batches: int, pipeline: str) -> int:
-    h, i = s.hidden, s.intermediate
-    if pipeline == "two-pass":  # every linear's Hessian exists until the block is quantized
-        return 4 * (6 * h * h + i * i)
-    grams = min(batches * 4 * (h * h + i * i), GRAM_CACHE_BYTES)
-    return grams + 4 * i * i + 2 * 4 * h * h  # the Hessian being used, the last factorization kept
+def _steps(method: Any) -> list:
+    """The recipe's algorithm instances (``method``: built steps, or anything ``build_recipe`` takes)."""
+    from .algorithms.base import Algorithm
+    from .config import build_recipe
 
-
-def _awq_stats(s: ModelShape, tokens: int, search_tokens: int = 2048) -> int:
-    h, i = s.hidden, s.intermediate
-    rows = min(search_tokens + 1, tokens)
-    return 4 * (3 * h * h + i * i) + 4 * rows * (3 * h + i)
+    if isinstance(method, (list, tuple)) and method and all(isinstance(m, Algorithm) for m in method):
+        return list(method)
+    if isinstance(method, str) and "," in method:
+        method = [m.strip() for m in method.replace("+", ",").split(",") if m.strip()]
+    elif isinstance(method, str) and "+" in method:
+        method = method.split("+")
+    return build_recipe(method, {})
 
 
 def estimate(
     shape: ModelShape,
-    method: str | list[str] = "gptq",
+    method: Any = "gptq",
     num_samples: int = 128,
     seqlen: int = 512,
     batch_size: int = 8,
@@ -166,7 +183,8 @@ def estimate(
     dtype: torch.dtype = torch.float32,
     host_weights_budget: int | None = None,
 ) -> MemoryEstimate:
-    """Peak memory of ``ptqkit.quantize`` with these settings (see the module docstring).
+    """Peak memory of ``ptqkit.quantize`` with these settings (see the module docstring); ``method``
+    is a recipe (names, ``"smoothquant+gptq"``) or its built steps.
 
     ``host_weights_budget``: the model is disk-offloaded (``--offload-folder``) with at most this many
     bytes of its weights in host memory (0: only what lies outside the decoder blocks); the quantized
@@ -176,12 +194,12 @@ def estimate(
             raise ValueError(f"{name}={v!r} must be a positive integer")
     if pipeline not in ("sequential", "two-pass"):
         raise ValueError(f"pipeline={pipeline!r}: choose sequential or two-pass")
-    steps = [m.strip().lower() for m in (method.replace("+", ",").split(",") if isinstance(method, str) else method)]
+    steps = _steps(method)
     e = torch.empty((), dtype=dtype).element_size()
     s, h, i = shape, shape.hidden, shape.intermediate
     tokens, per_batch = num_samples * seqlen, min(batch_size, num_samples) * seqlen
     batches = -(-num_samples // batch_size)
-    data_free = steps == ["rtn"]
+    data_free = not any(st.needs_data for st in steps)
     same = torch.device(device).type == "cpu"
 
     block = s.block_params() * e + s.linear_params() * e + s.linear_params() // 2  # fp, dequantized, packed
@@ -193,23 +211,18 @@ def estimate(
     elif same:  # the host: inputs, and the live set of every paused batch (sequential) or of one (two-pass)
         inout = 0
         held = tokens if pipeline == "sequential" else per_batch
-        inter = tokens * h * e * (1 if pipeline == "sequential" else 2) + held * live * e + transient + threads + CPU_FIXED
+        inout_host = tokens * h * e * (1 if pipeline == "sequential" else 2)
+        inter = inout_host + held * live * e + transient + threads + CPU_FIXED
     else:
         inout = 2 * tokens * h * e                        # block inputs + outputs
         inter = (tokens if pipeline == "sequential" else per_batch) * live * e + transient
-    stats = 0
-    if "gptq" in steps:
-        stats += _gptq_stats(s, batches, pipeline)
-    if "awq" in steps:
-        stats += _awq_stats(s, tokens)
-    big = h * i                                           # the largest linear's weight
-    work = (3 * big * 4 + 2 * 4 * i * i) if "gptq" in steps else 2 * big * 4
+    mem = [st.memory(s, tokens, batches, pipeline) for st in steps]
     on_host = offload_activations and not same
     return MemoryEstimate(
-        device=str(device), block_weights=block, activations=inter + (0 if on_host else inout), statistics=stats,
-        workspace=work, host_model=_host_weights(s, e, host_weights_budget),
-        host_activations=inout if on_host else 0, same_memory=same,
-        host_quantized=s.layers * s.linear_params() // 2)
+        device=str(device), block_weights=block, activations=inter + (0 if on_host else inout),
+        statistics=sum(m.statistics for m in mem), workspace=max(m.workspace for m in mem),
+        host_model=_host_weights(s, e, host_weights_budget), host_activations=inout if on_host else 0,
+        same_memory=same, host_quantized=s.layers * s.linear_params() // 2)
 
 
 def _host_weights(s: ModelShape, e: int, budget: int | None) -> int:
@@ -220,29 +233,27 @@ def _host_weights(s: ModelShape, e: int, budget: int | None) -> int:
     return min(full, max(budget, outside))
 
 
-def parse_size(size: int | str) -> int:
+def parse_size(size: int | str, what: str = "size") -> int:
     """Bytes from ``20GiB``, ``500MB`` or an integer (accelerate's ``max_memory`` notation)."""
     from accelerate.utils import convert_file_size_to_int
 
     try:
-        return int(convert_file_size_to_int(size))
-    except ValueError as e:
-        raise ValueError(f"{size!r} is not a memory size: write e.g. 20GiB or 500MB") from e
+        n = int(convert_file_size_to_int(size))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{what} {size!r} is not a memory size: write e.g. 20GiB or 500MB") from e
+    if n <= 0:
+        raise ValueError(f"{what} {size!r} must be positive")
+    return n
 
 
 def free_memory(device: str) -> tuple[int, int | None]:
-    """``(free host bytes, free device bytes or None for a CPU run)``."""
-    avail = None
+    """``(free host bytes, free device bytes or None for a CPU run)``: ``MemAvailable`` (Linux), else the free
+    physical pages."""
     try:
         with open("/proc/meminfo") as f:
-            m = re.search(r"MemAvailable:\s+(\d+) kB", f.read())
-        avail = int(m.group(1)) * 1024 if m else None
-    except OSError:
-        pass
-    if avail is None:
-        import psutil
-
-        avail = psutil.virtual_memory().available
+            avail = int(re.search(r"MemAvailable:\s+(\d+) kB", f.read()).group(1)) * 1024
+    except (OSError, AttributeError):
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     dev = torch.device(device)
     if dev.type == "cuda":
         free, _ = torch.cuda.mem_get_info(dev)
@@ -294,51 +305,74 @@ def check(shape: ModelShape, extra_host: int = 0, **kw: Any) -> MemoryEstimate:
 
 
 # ------------------------------------------------------------------------- measurement
-def _hwm_kib() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            m = re.search(r"VmHWM:\s+(\d+) kB", f.read())
-        return int(m.group(1)) if m else None
-    except OSError:
-        return None
-
-
-def rss_bytes() -> int:
+def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
 
 
-@contextmanager
-def peak_rss() -> Iterator[dict[str, int]]:
-    """Measure the peak RSS increase of the block (Linux): ``result["peak"]`` in bytes afterwards.
+def _hwm() -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
 
-    Resets the kernel's high-water mark (``/proc/self/clear_refs``) and reads ``VmHWM``; where that
-    is not allowed, samples ``/proc/self/statm`` every millisecond in a thread.
-    """
-    res: dict[str, int] = {}
-    base = rss_bytes()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        exact = True
-    except OSError:
-        exact = False
-    stop, top = threading.Event(), [base]
 
-    def sample() -> None:
-        while not stop.is_set():
-            top[0] = max(top[0], rss_bytes())
-            time.sleep(0.001)
+class PeakMemory:
+    """Peak resident memory (Linux) while the ``with`` block runs: ``peak_mb`` (RSS at its highest),
+    ``extra_mb`` (above the level at entry) and, when CUDA is in use, ``cuda_mb`` (peak allocation).
 
-    t = None if exact else threading.Thread(target=sample, daemon=True)
-    if t is not None:
-        t.start()
-    try:
-        yield res
-    finally:
-        stop.set()
-        if t is not None:
-            t.join()
-        peak = _hwm_kib() * 1024 if exact else top[0]
-        res["peak"] = max(peak - base, 0)
-        res["base"] = base
+    Exact where the kernel lets the process reset its high-water mark (``/proc/self/clear_refs``, then
+    ``VmHWM``); sampled every ``interval`` seconds otherwise. On entry freed heap pages go back to the
+    OS (``malloc_trim``), so the level at entry is what is live."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval, self.start, self.peak, self.cuda_mb = interval, 0, 0, None
+        self._stop, self._thread, self._exact = threading.Event(), None, False
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _rss())
+
+    def __enter__(self) -> "PeakMemory":
+        gc.collect()
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
+        self.start = self.peak = _rss()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._exact = True
+        except OSError:
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        self.peak = max(self.peak, _hwm() if self._exact else _rss())
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.cuda_mb = torch.cuda.max_memory_allocated() / 2**20
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20
+
+    @property
+    def extra_mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """The process's lifetime peak host RSS (``ru_maxrss``) and, when CUDA is in use, peak CUDA allocation, in MiB."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = {"host_rss": rss / (1024**2 if sys.platform == "darwin" else 1024)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_allocated"] = torch.cuda.max_memory_allocated() / 1024**2
+    return out

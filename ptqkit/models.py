@@ -5,12 +5,11 @@ import hashlib
 import importlib.util
 import logging
 import os
-import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -42,8 +41,6 @@ class Architecture:
 
     blocks: str                                   # dotted path of the ModuleList of decoder blocks
     mappings: tuple[Mapping, ...] = ()
-    sequential: tuple[tuple[str, ...], ...] = ()  # linears in execution order groups
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 _LLAMA = Architecture(
@@ -54,16 +51,69 @@ _LLAMA = Architecture(
         Mapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp", tokenwise=True),
         Mapping("mlp.up_proj", ("mlp.down_proj",)),
     ),
-    sequential=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    ),
 )
 
 #: model_type -> architecture; families sharing Llama's module names reuse it
 ARCHITECTURES: dict[str, Architecture] = {t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3")}
+
+
+def _is_norm(m: nn.Module) -> bool:
+    w = getattr(m, "weight", None)
+    return (not list(m.children()) and isinstance(w, nn.Parameter) and w.dim() == 1
+            and not isinstance(m, (nn.Linear, nn.Embedding)))
+
+
+def _foldable(norm: nn.Module, x: torch.Tensor) -> bool:
+    """Whether dividing the norm's weight (and bias) by ``s`` divides its output by ``s``."""
+    s = torch.linspace(0.5, 2.0, norm.weight.numel(), device=norm.weight.device)
+    saved = [(p, p.detach().clone()) for p in (norm.weight, getattr(norm, "bias", None)) if isinstance(p, torch.Tensor)]
+    with torch.no_grad():
+        y = norm(x).float()
+        for p, _ in saved:
+            p.div_(s.to(p.dtype))
+        y2 = norm(x).float() * s
+        for p, v in saved:
+            p.copy_(v)
+    return bool(torch.allclose(y2, y, rtol=1e-3, atol=1e-5 * float(y.abs().max()) + 1e-12))
+
+
+def detect_mappings(block: nn.Module, run: Callable[[], None]) -> tuple[Mapping, ...]:
+    """Generic path: norm -> linears mappings found by running the block once (``run``) and
+    matching each linear's input tensor with a norm's output; only norms whose scale folds exactly
+    are kept. The mapping is measured at the linears' closest common parent module."""
+    norms = {n: m for n, m in block.named_modules() if _is_norm(m)}
+    lin = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    seen_in: dict[str, torch.Tensor] = {}
+    seen_out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    def out_hook(n: str) -> Callable:  # hooks return None: a returned value would replace the output
+        return lambda mod, a, out: None if n in seen_out else seen_out.update({n: (a[0], out)})
+
+    def in_hook(n: str) -> Callable:
+        return lambda mod, a: None if n in seen_in else seen_in.update({n: a[0]})
+
+    hooks = [m.register_forward_hook(out_hook(n)) for n, m in norms.items()]
+    hooks += [m.register_forward_pre_hook(in_hook(n)) for n, m in lin.items()]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    found = []
+    for n, (x, y) in seen_out.items():
+        fed = tuple(ln for ln, xin in seen_in.items() if xin is y)
+        if not fed:
+            continue
+        if not _foldable(norms[n], x):
+            log.info("%s does not scale its output linearly with its weight; not folded", n)
+            continue
+        parts = [f.split(".")[:-1] for f in fed]
+        common = []
+        for level in zip(*parts):
+            if len(set(level)) > 1:
+                break
+            common.append(level[0])
+        found.append(Mapping(n, fed, ".".join(common) or None))
+    return tuple(found)
 
 
 def architecture(model: nn.Module) -> Architecture:
@@ -99,28 +149,17 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def find_linears(module: nn.Module, ignore: list[str] | None = None, prefix: str = "") -> dict[str, nn.Linear]:
-    """``nn.Linear`` submodules by relative name, minus those matched by ``ignore``
-    (exact full names, or ``re:`` regexes searched in the full name ``prefix + name``)."""
-    out = {}
-    for name, m in module.named_modules():
-        if isinstance(m, nn.Linear) and not is_ignored(prefix + name, ignore):
-            out[name] = m
-    return out
+    """``nn.Linear`` submodules by relative name, minus those matched by ``ignore``."""
+    return {name: m for name, m in module.named_modules()
+            if isinstance(m, nn.Linear) and not is_ignored(prefix + name, ignore)}
 
 
 def is_ignored(full_name: str, ignore: list[str] | None) -> bool:
-    for pat in ignore or ():
-        if pat.startswith("re:"):
-            if re.search(pat[3:], full_name):
-                return True
-        elif full_name == pat or full_name.endswith("." + pat):
-            return True
-    return False
+    """Whether a full module name matches an ``ignore`` entry: the exact name, or ``re:REGEX`` matched from the
+    start of the name (compressed-tensors' rule, the one vLLM applies to a checkpoint's ``ignore`` list)."""
+    from compressed_tensors.utils.match import match_name
 
-
-def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
+    return any(match_name(full_name, target) for target in ignore or ())
 
 
 # ---------------------------------------------------------------- loading
@@ -207,10 +246,8 @@ def load_model(
     offload_folder: str | os.PathLike | None = None,
     max_host_memory: int | str | None = None,
 ) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` from the default ``smollm2-135m``, a ``.gguf`` file, a local HF
-    directory or a hub id (when online). A quantized checkpoint directory in any format ptqkit
-    reads (native, GPTQ, AWQ, compressed-tensors; ``ptqkit.formats.detect``) loads as ptqkit
-    layers in ``dtype``.
+    """``(model, tokenizer)`` of a full-precision model: the default ``smollm2-135m``, a ``.gguf`` file, a
+    local HF directory or a hub id (when online). (``ptqkit.load_model`` also reads quantized checkpoints.)
 
     ``offload_folder``: a model bigger than host memory loads through accelerate's disk offload
     (``device_map="auto"`` over the host only, at most ``max_host_memory``, e.g. ``"20GiB"``; default:
@@ -220,11 +257,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
-    if Path(path).is_dir():
-        from . import formats
-
-        if formats.detect(path) is not None:
-            return formats.load(path, device=device, dtype=dtype), _checkpoint_tokenizer(path)
+    check_weight_files(path)
     kw: dict[str, Any] = {}
     if offload_folder is not None:
         from accelerate.utils import get_max_memory
@@ -247,7 +280,24 @@ def load_model(
     return model, tok
 
 
-def _checkpoint_tokenizer(path: str) -> Any:
+def check_weight_files(path: str | os.PathLike) -> None:
+    """Every safetensors file of a local model directory has a readable header (a damaged or truncated
+    download fails here, naming the file, before anything loads)."""
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    if not p.is_dir():
+        return
+    for f in sorted(p.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt") as sf:
+                sf.keys()
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f} is not a readable safetensors file ({e}): the model files are damaged or "
+                             "truncated; download or convert them again") from None
+
+
+def checkpoint_tokenizer(path: str) -> Any:
     """The tokenizer saved with a quantized checkpoint, or a clear error when it has none."""
     from transformers import AutoTokenizer
 
@@ -255,5 +305,5 @@ def _checkpoint_tokenizer(path: str) -> Any:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(
-            f"{path} holds a quantized model but no tokenizer ({str(e).strip().splitlines()[0]}); save it with ptqkit.save(..., tokenizer=tok) "
-            "or copy the original model's tokenizer files into it") from e
+            f"{path} holds a quantized model but no tokenizer ({str(e).strip().splitlines()[0]}); save it with "
+            "ptqkit.save(..., tokenizer=tok) or copy the original model's tokenizer files into it") from e

@@ -10,37 +10,34 @@ Conventions (shared by every algorithm, layer, kernel and checkpoint format):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
 
 
-@dataclass
+#: every algorithm config is a pydantic dataclass with these settings: types are checked strictly (a bool is a
+#: bool, not the string "false"), and a field no config has is an error
+STRICT = ConfigDict(strict=True, extra="forbid")
+
+
+@dataclass(config=STRICT)
 class QuantArgs:
     """Weight quantization arguments shared by all quantizers."""
 
-    bits: int = 4
+    bits: Annotated[int, Field(ge=2, le=8)] = 4
     group_size: int = 128  # -1: one group per output channel
     sym: bool = True
     mse: bool = False  # search a clipping ratio per group minimising the |w - q|^norm error
-    mse_grid: int = 100
-    mse_maxshrink: float = 0.8
-    mse_norm: float = 2.4
+    mse_grid: Annotated[int, Field(ge=1)] = 100
+    mse_maxshrink: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.8
+    mse_norm: Annotated[float, Field(gt=0.0)] = 2.4
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise ValueError(f"bits={self.bits!r} is not supported: use an integer from 2 to 8")
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or (
-            self.group_size != -1 and self.group_size < 1
-        ):
-            raise ValueError(
-                f"group_size={self.group_size!r} is not valid: use -1 (per output channel) "
-                "or a positive group length such as 32, 64 or 128"
-            )
-        if not 0.0 < self.mse_maxshrink < 1.0:
-            raise ValueError(f"mse_maxshrink={self.mse_maxshrink} must lie in (0, 1)")
-        if self.mse_grid < 1:
-            raise ValueError(f"mse_grid={self.mse_grid} must be at least 1")
+        if self.group_size != -1 and self.group_size < 1:
+            raise ValueError(f"group_size={self.group_size!r} is not valid: use -1 (per output channel) "
+                             "or a positive group length such as 32, 64 or 128")
 
     @property
     def maxq(self) -> int:

@@ -53,3 +53,25 @@ def smollm2_factory(_smollm2_once):
     """Call to get a fresh ``(model, tokenizer)`` copy; for session-scoped fixtures of other modules."""
     model, tok = _smollm2_once
     return lambda: (copy.deepcopy(model), tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> str:
+    """A random 2-block Llama and a 256-token byte-level tokenizer saved as an HF directory, with short
+    calibration (``calib.txt``) and evaluation (``eval.txt``) texts cut from the builtin corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from ptqkit.calibration.data import builtin_text
+
+    out = tmp_path_factory.mktemp("tiny")
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).eval().save_pretrained(out)
+    PreTrainedTokenizerFast(tokenizer_object=tk).save_pretrained(out)
+    (out / "calib.txt").write_text(builtin_text("calibration")[:20000])
+    (out / "eval.txt").write_text(builtin_text("evaluation")[:2000])
+    return str(out)

@@ -13,7 +13,7 @@ from torch import nn
 import ptqkit
 from ptqkit.algorithms import awq_math as am
 from ptqkit.algorithms.awq import AWQ, AWQConfig
-from ptqkit.nested import slice_batch
+from ptqkit.algorithms.base import slice_batch
 from ptqkit.algorithms.base import Quantizer, QuantizerConfig
 from ptqkit.calibration.data import CalibrationSet
 from ptqkit.calibration.runner import run
@@ -27,7 +27,7 @@ class Keep(Quantizer):
     name = "keep"
     Config = QuantizerConfig
 
-    def quantize(self, name: str, module: nn.Linear) -> nn.Module:
+    def quantize(self, name: str, module: nn.Linear, stats=None) -> nn.Module:
         return module
 
 
@@ -193,7 +193,7 @@ def scale_only(model: nn.Module, calib: CalibrationSet, ignore: list[str] | None
 
 
 @pytest.mark.parametrize("duo", [False, True])
-@pytest.mark.parametrize("ignore", [None, ["re:k_proj"]])
+@pytest.mark.parametrize("ignore", [None, ["re:.*k_proj"]])
 def test_scaling_is_exact_on_tiny_llama_with_gqa(duo, ignore):
     model = tiny_llama()
     ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(9))
@@ -250,7 +250,7 @@ def test_statistics_do_not_grow_with_calibration_size():
         original = AWQ.apply
 
         def spy(self, block, ctx, peak=peak):
-            peak.append(sum(s.nbytes() for s in self._inputs.values()))
+            peak.append(sum({id(s): s.nbytes() for s in ctx.stats.values()}.values()))
             return original(self, block, ctx)
 
         awq.apply = spy.__get__(awq)

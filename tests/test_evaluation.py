@@ -162,7 +162,7 @@ def test_evaluate_baseline_by_name(model, monkeypatch):
 
     calls = []
 
-    def fake_load_model(name_or_path, dtype=torch.float32, device="cpu"):
+    def fake_load_model(name_or_path, dtype=torch.float32, device="cpu", **kw):
         calls.append((name_or_path, dtype, str(device)))
         return copy.deepcopy(model), None
 

@@ -22,7 +22,6 @@ from ptqkit.formats import awq as awq_fmt
 from ptqkit.formats import common
 from ptqkit.formats import gptq as gptq_fmt
 from ptqkit.layers import QuantLinear, QuantLinearW8A8
-from ptqkit.models import set_submodule
 from ptqkit.packing import pack
 
 BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -77,7 +76,7 @@ def quantize_randomly(model: nn.Module, **kw) -> nn.Module:
     for i, block in enumerate(model.model.layers):
         for rel in BLOCK_LINEARS:
             lin = block.get_submodule(rel)
-            set_submodule(model, f"model.layers.{i}.{rel}",
+            model.set_submodule(f"model.layers.{i}.{rel}",
                           random_qlinear(lin.in_features, lin.out_features, gen=gen, **kw))
     model.ptqkit_info = {"method": "random", "recipe": [{"method": "random"}], "calibration_fingerprint": "abc123"}
     return model
@@ -94,7 +93,7 @@ def w8a8_model(static: bool) -> nn.Module:
             q.weight_scale.copy_(torch.rand(lin.out_features, generator=gen) * 1e-3 + 1e-4)
             if static:
                 q.input_scale.fill_(0.02)
-            set_submodule(model, f"model.layers.{i}.{rel}", q)
+            model.set_submodule(f"model.layers.{i}.{rel}", q)
     return model
 
 
@@ -309,8 +308,7 @@ def test_compressed_tensors_layout_written_by_the_library(tmp_path, monkeypatch,
     config (spied); the result is the format description: pack-quantized weight_packed [N, K·b/32]
     (codes packed along K), weight_scale [N, G], weight_zero_point packed along N; int-quantized int8
     weight [N, K], weight_scale [N, 1]."""
-    from compressed_tensors.compressors import (IntQuantizationCompressor, ModelCompressor,
-                                                PackedQuantizationCompressor)
+    from compressed_tensors.compressors import IntQuantizationCompressor, ModelCompressor, PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
     calls: list[str] = []
@@ -425,11 +423,11 @@ def test_compressed_tensors_mixed_precision(tmp_path):
     """Layers with different schemes get one config group each (explicit targets)."""
     model = quantize_randomly(tiny_model(), bits=4, group_size=32, sym=True)
     gen = torch.Generator().manual_seed(5)
-    set_submodule(model, "model.layers.1.mlp.down_proj", random_qlinear(128, 64, 8, -1, False, gen=gen))
+    model.set_submodule("model.layers.1.mlp.down_proj", random_qlinear(128, 64, 8, -1, False, gen=gen))
     w8 = QuantLinearW8A8(64, 64)
     w8.qweight.copy_(torch.randint(-128, 128, (64, 64), generator=gen))
     w8.weight_scale.uniform_(1e-4, 1e-3, generator=gen)
-    set_submodule(model, "model.layers.0.self_attn.o_proj", w8)
+    model.set_submodule("model.layers.0.self_attn.o_proj", w8)
     path = ptqkit.save(model, tmp_path / "mixed", format="compressed-tensors")
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
     assert qc["format"] == "mixed-precision" and len(qc["config_groups"]) == 3
@@ -486,7 +484,7 @@ def test_w8a8_refused_by_weight_only_formats(tmp_path, fmt):
 
 def test_gptq_refuses_mixed_settings_and_unquantized_models(tmp_path):
     model = quantize_randomly(tiny_model(), bits=4, group_size=32, sym=True)
-    set_submodule(model, "model.layers.1.mlp.up_proj", random_qlinear(64, 128, 8, 32, True))
+    model.set_submodule("model.layers.1.mlp.up_proj", random_qlinear(64, 128, 8, 32, True))
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj: bits=8.*compressed-tensors"):
         ptqkit.save(model, tmp_path / "g", format="gptq")
     with pytest.raises(ValueError, match="no quantized layers"):

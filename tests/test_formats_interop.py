@@ -12,13 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-import ptqkit
-from ptqkit import formats
-from ptqkit.formats import common
-from ptqkit.layers import QuantLinearW8A8
 from test_formats import (  # noqa: F401  (_one_thread_for_tiny_models: the autouse fixture, here too)
     BLOCK_LINEARS,
     _one_thread_for_tiny_models,
@@ -35,6 +28,14 @@ from test_formats import (  # noqa: F401  (_one_thread_for_tiny_models: the auto
     to_i32,
     write_fixture,
 )
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+import ptqkit
+from ptqkit import formats
+from ptqkit.formats import common
+from ptqkit.layers import QuantLinearW8A8
+
 
 # ----------------------------------------------------------------------------- checkpoints from other tools
 def handmade(base: nn.Module, make_layer, seed: int):
@@ -228,19 +229,10 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch, fmt):
 
     monkeypatch.setattr(common, "save_tensors", boom)
     with pytest.raises(OSError, match="disk full"):
-        ptqkit.save(quantize_randomly(tiny_model(), bits=4, group_size=64, sym=True), path, format=fmt)
+        ptqkit.save(quantize_randomly(tiny_model(), bits=4, group_size=64, sym=True), path, format=fmt, overwrite=True)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]                  # no temporary directory left
     assert torch.equal(logits(ptqkit.load(path)), logits(model))
-
-
-def test_parse_size_and_plan_shards():
-    assert common.parse_size("5GB") == 5 * 10**9 and common.parse_size("2MiB") == 2 * 2**20
-    assert common.parse_size(1234) == 1234
-    with pytest.raises(ValueError, match="not a size"):
-        common.parse_size("big")
-    assert common.plan_shards({"a": 6, "b": 5, "c": 20, "d": 1}, 10) == [["a"], ["b"], ["c"], ["d"]]
-    assert common.plan_shards({"a": 3, "b": 3, "c": 3, "d": 3}, 10) == [["a", "b", "c"], ["d"]]
 
 
 # ----------------------------------------------------------------------------- CLI and load_model on every format

@@ -290,39 +290,41 @@ def test_config_validation_messages():
         GPTQConfig(mse_weighting="l1")
 
 
-def test_quantizer_shares_gram_between_linears_with_one_input():
+def test_quantizer_shares_one_hessian_between_linears_with_one_input():
     lin = {n: nn.Linear(40, 8 * (i + 1), bias=True) for i, n in enumerate(["q", "k", "v"])}
     q = GPTQ(GPTQConfig(bits=4, group_size=16))
     xs = [correlated(64, 40, seed=s).reshape(2, 32, 40) for s in range(3)]
+    st = q.new_stats()                                                 # what the runner gives q, k and v
     for x in xs:
-        for name, m in lin.items():
-            q.observe(name, m, x, None)
-    assert q._grams.hits == 6                                         # k and v reuse q's Σ x xᵀ
-    torch.testing.assert_close(q._hessians["v"][0], gm.hessian_of(torch.cat(xs).reshape(-1, 40)),
-                               rtol=1e-5, atol=1e-4)
+        st.add(x)
+    torch.testing.assert_close(st.hessian, gm.hessian_of(torch.cat(xs).reshape(-1, 40)), rtol=1e-5, atol=1e-4)
     for name, m in lin.items():
-        new = q.quantize(name, m)
+        new = q.quantize(name, m, st)
         assert isinstance(new, QuantLinear)
         x = torch.cat(xs).reshape(-1, 40)
         ref = nn.functional.linear(x, rtn(m.weight.detach(), q.config), m.bias)
         assert (new(x) - m(x)).pow(2).sum() < (ref - m(x)).pow(2).sum()
         assert q.stats[name]["damp"] == 0.01 and q.stats[name]["tokens"] == 192
         assert q.stats[name]["loss"] > 0
-    assert not q._hessians                                            # freed after quantize
     assert [q.stats[n]["shared_factorization"] for n in lin] == [False, True, True]
+    assert q.stats["q"]["hessian_s"] > 0 and q.stats["k"]["hessian_s"] == 0
+
+
+def _stats_of(q, x):
+    st = q.new_stats()
+    st.add(x)
+    return st
 
 
 def test_quantizer_errors_name_the_layer(caplog):
     m = nn.Linear(6, 4)
     q = GPTQ(GPTQConfig(bits=4, group_size=-1))
-    q.observe("blk.0.up", m, torch.full((1, 3, 6), float("nan")), None)
     with pytest.raises(ValueError, match="blk.0.up.*NaN"):
-        q.quantize("blk.0.up", m)
+        q.quantize("blk.0.up", m, _stats_of(q, torch.full((1, 3, 6), float("nan"))))
     with torch.no_grad():
         m.weight[0, 0] = float("inf")
-    q.observe("blk.0.down", m, torch.randn(1, 3, 6), None)
     with pytest.raises(ValueError, match="blk.0.down.*NaN/Inf"):
-        q.quantize("blk.0.down", m)
+        q.quantize("blk.0.down", m, _stats_of(q, torch.randn(1, 3, 6)))
     with torch.no_grad():
         m.weight[0, 0] = 1.0
     with caplog.at_level(logging.WARNING):
@@ -334,10 +336,9 @@ def test_quantizer_errors_name_the_layer(caplog):
 def test_quantizer_records_raised_damp():
     m = nn.Linear(20, 6)
     q = GPTQ(GPTQConfig(bits=4, group_size=-1, damp=0.01))
-    x = correlated(8, 20).reshape(1, 8, 20)
-    q.observe("lin", m, x, None)
-    q._hessians["lin"][0].sub_(0.02 * torch.eye(20) * q._hessians["lin"][0].diagonal().mean())  # indefinite
-    q.quantize("lin", m)
+    st = _stats_of(q, correlated(8, 20).reshape(1, 8, 20))
+    st.hessian.sub_(0.02 * torch.eye(20) * st.hessian.diagonal().mean())  # indefinite
+    q.quantize("lin", m, st)
     assert q.stats["lin"]["damp"] > 0.02
 
 

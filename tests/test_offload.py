@@ -6,15 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama_config
 from torch import nn
 
 import ptqkit
 import ptqkit.estimate as E
 from ptqkit import cli
-from ptqkit.calibration import host, runner
+from ptqkit.calibration import host
 from ptqkit.models import load_model
-
-from conftest import tiny_llama_config
 
 
 def _ids(n: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -24,9 +23,8 @@ def _ids(n: int, length: int, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     """A saved 3-block tiny Llama with a tokenizer."""
-    from transformers import LlamaForCausalLM
-
     from test_calibration_data import byte_tokenizer
+    from transformers import LlamaForCausalLM
 
     d = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
@@ -153,36 +151,49 @@ def test_estimate_of_an_offloaded_run_and_the_suggestion(monkeypatch: pytest.Mon
         E.parse_size("lots")
 
 
+class _Libc:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
 def test_malloc_modes(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    monkeypatch.setattr(host, "_mallopt", lambda param, value: calls.append((param, value)) or True)
-    monkeypatch.setattr(host, "_tuned", set())
+    libc = _Libc()
+    monkeypatch.setattr(host, "_libc", lambda: libc)
     monkeypatch.setenv("PTQKIT_MALLOC_TUNE", "0")
-    assert host.tune_malloc() is False and calls == []
+    assert host.tune_process() is False and host.trim_barriers(2**30, 0) is None and libc.calls == []
     monkeypatch.setenv("PTQKIT_MALLOC_TUNE", "lots")
     with pytest.raises(ValueError, match="PTQKIT_MALLOC_TUNE='lots'"):
-        host.tune_malloc()
-    monkeypatch.delenv("PTQKIT_MALLOC_TUNE")  # auto: one arena now, the mmap threshold only when needed
-    assert host.tune_malloc() and calls == [(host._M_ARENA_MAX, 1)] and host.tuned() == "arena"
-    assert host.lean_if_needed(2**30, 3 * 2**30) is False            # 2.5 GiB fits in 3
-    assert host.lean_if_needed(None, 0) is False                      # no estimate: leave it
-    assert host.lean_if_needed(2**30, 2 * 2**30) is True              # 2.5 GiB does not fit in 2
-    assert calls[-1] == (host._M_MMAP_THRESHOLD, 1 << 20) and host.tuned() == "arena+lean"
-    monkeypatch.setattr(host, "_tuned", set())
-    monkeypatch.setenv("PTQKIT_MALLOC_TUNE", "arena")
-    assert host.lean_if_needed(2**30, 0) is False
-    monkeypatch.setenv("PTQKIT_MALLOC_TUNE", "lean")
-    assert host.tune_malloc() and host.tuned() == "arena+lean"
+        host.tune_process()
+    monkeypatch.delenv("PTQKIT_MALLOC_TUNE")  # auto: the command's process gets one arena, runs trim when tight
+    assert host.tune_process() and libc.calls == [("mallopt", host._M_ARENA_MAX, 1)]
+    assert host.trim_barriers(2**30, 3 * 2**30) is None              # 2.5 GiB fits in 3
+    assert host.trim_barriers(None, 0) is None                       # no estimate: leave it
+    trim = host.trim_barriers(2**30, 2 * 2**30)                      # 2.5 GiB does not fit in 2
+    trim()
+    assert libc.calls[-1] == ("malloc_trim", 0)
+    monkeypatch.setenv("PTQKIT_MALLOC_TUNE", "trim")
+    assert host.trim_barriers(None, 2**40) is not None
 
 
-def test_runner_goes_lean_only_when_memory_is_tight(tiny_llama, monkeypatch: pytest.MonkeyPatch) -> None:
-    seen = []
-    monkeypatch.setattr(host, "lean_if_needed", lambda run, free: seen.append((run, free)) or False)
+def test_runner_trims_only_when_memory_is_tight(tiny_llama, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen, trims = [], []
+    monkeypatch.setattr(host, "trim_barriers", lambda run, free: seen.append((run, free)) or (lambda: trims.append(1)))
     monkeypatch.setattr(E, "free_memory", lambda device: (12345, None))
-    ptqkit.quantize(copy.deepcopy(tiny_llama), "gptq", calibration=_ids(4, 16), batch_size=2)
+    ref = ptqkit.quantize(copy.deepcopy(tiny_llama), "rtn", bits=4, group_size=32)
+    got = ptqkit.quantize(copy.deepcopy(tiny_llama), "gptq", calibration=_ids(4, 16), batch_size=2)
     shape = E.ModelShape.from_config(tiny_llama.config)
     est = E.estimate(shape, ["gptq"], 4, 16, 2)
     assert seen == [(est.host_peak - est.host_model, 12345)]
+    assert len(trims) == 2 * 7 and got.ptqkit_info["host"]["malloc"] == "trim"  # blocks x linears: one barrier each
+    assert ref.ptqkit_info["host"]["malloc"] is None                               # data-free: no run to tune
 
 
 def test_cli_estimate_of_a_disk_offloaded_run(tmp_path, capsys) -> None:

@@ -91,8 +91,8 @@ def test_quant_linear_matches_dequantized_matmul(act_order):
 
 
 @pytest.mark.parametrize("kw, msg", [
-    (dict(bits=1), "bits=1"), (dict(bits=9), "bits=9"), (dict(group_size=0), "group_size=0"),
-    (dict(mse_maxshrink=1.5), "mse_maxshrink"),
+    (dict(bits=1), r"bits\n.*greater than or equal to 2"), (dict(bits=9), r"bits\n.*less than or equal to 8"),
+    (dict(group_size=0), "group_size=0"), (dict(mse_maxshrink=1.5), "mse_maxshrink"), (dict(sym="false"), "sym"),
 ])
 def test_quant_args_reject_bad_values(kw, msg):
     with pytest.raises(ValueError, match=msg):

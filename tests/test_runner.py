@@ -63,6 +63,11 @@ class ProbeConfig(QuantizerConfig):
     pass
 
 
+class _Seen(list):
+    def add(self, x):
+        self.append(x.detach().clone())
+
+
 class Probe(RTN):
     """RTN that records every input it observes and when it is asked to quantize."""
 
@@ -75,11 +80,12 @@ class Probe(RTN):
         self.seen: dict[str, list[torch.Tensor]] = {}
         self.order: list[tuple[str, int]] = []
 
-    def observe(self, name, module, x, y):
-        self.seen.setdefault(name, []).append(x.detach().clone())
+    def new_stats(self):
+        return _Seen()
 
-    def quantize(self, name, module):
-        self.order.append((name, len(self.seen.get(name, []))))
+    def quantize(self, name, module, stats=None):
+        self.seen[name] = list(stats or [])
+        self.order.append((name, len(self.seen[name])))
         return super().quantize(name, module)
 
 
@@ -162,8 +168,10 @@ def test_save_load_round_trip_tiny(tiny_llama, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, q(ids).logits)
     assert loaded.ptqkit_info["method"] == "rtn"
-    # an existing directory is replaced whole, never left half-written
-    ptqkit.save(q, tmp_path / "q")
+    # an existing checkpoint is replaced whole (only when asked), never left half-written
+    with pytest.raises(ValueError, match="overwrite"):
+        ptqkit.save(q, tmp_path / "q")
+    ptqkit.save(q, tmp_path / "q", overwrite=True)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -253,16 +261,16 @@ def test_sequential_pipeline_observes_batches_in_order(tiny_llama, monkeypatch):
     """Batch threads reach a linear in any order; its statistics are fed in batch order, so the fp32
     Hessian sums (and the codes) are the same in every run. Block 0's q_proj input of batch b is
     its normed embedding, so the order is checked against the batches themselves."""
-    from ptqkit.algorithms.gptq import GPTQ
+    from ptqkit.algorithms.gptq import Hessian
 
     calib = calib_set(n=7, length=16, seed=5)
     seen: list[torch.Tensor] = []
-    orig = GPTQ.observe
+    orig = Hessian.add
 
-    def spy(self, name, module, x, y):
-        if name == "model.layers.0.self_attn.q_proj":
+    def spy(self, x):
+        if len(seen) < 4:  # the first input of block 0: q_proj's
             seen.append(x.detach().clone())
-        return orig(self, name, module, x, y)
+        return orig(self, x)
 
     class Late(threading.Thread):  # batch i's thread starts later the smaller i is: arrivals come in reverse
         def __init__(self, *args, **kwargs):
@@ -273,7 +281,7 @@ def test_sequential_pipeline_observes_batches_in_order(tiny_llama, monkeypatch):
             time.sleep(0.05 * (4 - self.batch))
             super().run()
 
-    monkeypatch.setattr(GPTQ, "observe", spy)
+    monkeypatch.setattr(Hessian, "add", spy)
     monkeypatch.setattr(threading, "Thread", Late)
     ref = copy.deepcopy(tiny_llama)
     a = ptqkit.quantize(copy.deepcopy(tiny_llama), "gptq", calibration=calib, batch_size=2)

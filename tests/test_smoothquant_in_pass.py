@@ -8,8 +8,8 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 from test_smoothquant import _ids, _logits, _outlier_llama
+from torch import nn
 
 import ptqkit.algorithms  # noqa: F401  (registers the algorithms)
 from ptqkit.algorithms.rtn import RTN, RTNConfig
@@ -20,8 +20,13 @@ from ptqkit.layers import QuantLinear, QuantLinearW8A8
 class _KeepFloat(RTN):
     """A quantizer that keeps every linear in float: isolates the smoothing."""
 
-    def quantize(self, name: str, module: nn.Linear) -> nn.Module:
+    def quantize(self, name: str, module: nn.Linear, stats=None) -> nn.Module:
         return module
+
+
+class _Seen(list):
+    def add(self, x: torch.Tensor) -> None:
+        self.append(x.detach().clone())
 
 
 class _RecordingRTN(RTN):
@@ -31,9 +36,12 @@ class _RecordingRTN(RTN):
         super().__init__(config)
         self.seen: dict[str, list[torch.Tensor]] = {}
 
-    def observe(self, name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> None:
-        super().observe(name, module, x, y)
-        self.seen.setdefault(name, []).append(x.detach().clone())
+    def new_stats(self) -> list:
+        return _Seen()
+
+    def quantize(self, name: str, module: nn.Linear, stats=None) -> nn.Module:
+        self.seen[name] = list(stats)
+        return super().quantize(name, module)
 
 
 def _run(model: nn.Module, calib: torch.Tensor, steps: list, batch_size: int = 4) -> None:
@@ -101,18 +109,31 @@ def test_in_pass_inputs_are_those_of_the_final_model(tiny_llama, activations) ->
 
 
 def test_in_pass_readers_of_one_input_share_its_smoothed_copy(tiny_llama) -> None:
-    """k/v (after q) and up (after gate) get the very tensor their first reader was divided into:
-    GPTQ's per-batch Gram cache hits exactly as often as without smoothing."""
+    """k/v (after q) and up (after gate) get the very tensor their first reader was divided into, and
+    one statistics object: as many Hessians are accumulated with smoothing as without."""
     from ptqkit.algorithms.gptq import GPTQ, GPTQConfig
 
     fp = _outlier_llama(tiny_llama)
     calib = _ids(8, 32, 24)
-    hits = []
+    made, seen = [], []
     for transforms in ([], [SmoothQuant(SmoothQuantConfig(alpha=0.5))]):
         gptq = GPTQ(GPTQConfig(bits=8, group_size=-1, sym=True, activations="dynamic"))
+        new_stats, quantize = gptq.new_stats, gptq.quantize
+
+        def numbered(new_stats=new_stats, smoothed=len(transforms)):
+            st = new_stats()
+            st.serial = len(made)
+            made.append(smoothed)
+            return st
+
+        gptq.new_stats = numbered
+        gptq.quantize = lambda name, m, st=None, s=len(transforms): seen.append((s, name, st.serial)) or quantize(name, m, st)
         _run(copy.deepcopy(fp), calib, [*transforms, gptq])
-        hits.append(gptq._grams.hits)
-    assert hits[0] == hits[1] == 2 * 2 * 3, hits     # blocks x batches x (k, v, up)
+    assert made.count(0) == made.count(1) == 2 * 4       # blocks x (qkv, o, gate/up, down)
+    for smoothed in (0, 1):
+        ids = {name.rsplit(".", 1)[-1]: i for s, name, i in seen if s == smoothed and ".layers.1." in name}
+        assert ids["q_proj"] == ids["k_proj"] == ids["v_proj"] and ids["gate_proj"] == ids["up_proj"]
+        assert len(set(ids.values())) == 4
 
 
 def test_divide_rows_of_float_and_quantized_linears() -> None:

@@ -22,22 +22,24 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, Optional, Sequence, Union
 
 import torch
+from accelerate.utils import send_to_device
+from pydantic import Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import nn
 
 from .. import distributed
-from ..models import Mapping
-from ..nested import block_output, slice_batch, to_device
+from ..quant import STRICT
 from ..registry import register
 from . import awq_math as am
-from .base import Transform
+from .base import Memory, Transform, block_output, slice_batch
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@pydantic_dataclass(config=STRICT)
 class AWQConfig:
     """AWQ options (the quantization grid comes from the quantizer step: bits, group_size, sym).
 
@@ -51,42 +53,32 @@ class AWQConfig:
     output error says little about the attention's).
     """
 
-    n_grid: int = 20
+    n_grid: Annotated[int, Field(ge=1)] = 20
     duo_scaling: bool = False
     scale_search: bool = True
     clip_search: bool = True
-    max_shrink: float = 0.5
-    n_clip_grid: int = 20
-    clip_tokens: int | None = 512
-    search_tokens: int = 2048
-    search_samples: int = 4
-    no_clip: tuple[str, ...] = ("q_proj", "k_proj")
+    max_shrink: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+    n_clip_grid: Annotated[int, Field(ge=1)] = 20
+    clip_tokens: Optional[Annotated[int, Field(ge=1)]] = 512
+    search_tokens: Annotated[int, Field(ge=1)] = 2048
+    search_samples: Annotated[int, Field(ge=1)] = 4
+    no_clip: Union[str, Sequence[str]] = ("q_proj", "k_proj")
 
     def __post_init__(self) -> None:
-        for name in ("n_grid", "n_clip_grid", "search_tokens", "search_samples"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r}: must be a positive integer (the default grid has 20 points)")
-        if self.clip_tokens is not None and (isinstance(self.clip_tokens, bool) or not isinstance(
-                self.clip_tokens, int) or self.clip_tokens < 1):
-            raise ValueError(f"clip_tokens={self.clip_tokens!r}: use a positive token count per batch, or None for all")
-        if not isinstance(self.max_shrink, (int, float)) or not 0.0 < self.max_shrink < 1.0:
-            raise ValueError(f"max_shrink={self.max_shrink!r} must lie in (0, 1), e.g. 0.5 (clip at most half the range)")
-        for name in ("duo_scaling", "scale_search", "clip_search"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r}: use True or False")
         if not (self.scale_search or self.clip_search):
             raise ValueError("scale_search and clip_search are both off, so AWQ would do nothing: "
                              "turn one on, or use method='rtn'")
-        if isinstance(self.no_clip, str):
-            self.no_clip = (self.no_clip,)
-        self.no_clip = tuple(self.no_clip)
+        self.no_clip = (self.no_clip,) if isinstance(self.no_clip, str) else tuple(self.no_clip)
 
 
 @dataclass
 class _Inputs:
     """Statistics of one linear input (shared by the linears that read the same tensor)."""
 
+    n_gram: int | None                    # tokens per batch for the Gram matrix (None: all)
+    keep: int                             # sampled token rows kept across batches
+    gen: torch.Generator
+    seconds: float = 0.0
     abs_sum: torch.Tensor | None = None   # [K] float64, sum of |x| over all tokens
     count: int = 0
     gram: torch.Tensor | None = None      # [K, K] float32, sum of x xᵀ over sampled tokens
@@ -95,13 +87,15 @@ class _Inputs:
     weight: torch.Tensor | None = None    # [≤ keep + 1] their ||x||²
     prio: torch.Tensor | None = None      # [≤ keep + 1] their priorities ||x||² / u
 
-    def add(self, x: torch.Tensor, n_gram: int | None, keep: int, gen: torch.Generator) -> None:
-        flat = x.reshape(-1, x.shape[-1])                            # [b, L, K] -> [T, K]
+    def add(self, x: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        n_gram, keep = self.n_gram, self.keep
+        flat = x.detach().reshape(-1, x.shape[-1])                   # [b, L, K] -> [T, K]
         s = flat.abs().sum(0, dtype=torch.float32).double()
         self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
         self.count += flat.shape[0]
         w = flat.float().pow(2).sum(1)                               # [T] token energy ||x||²
-        u = 1.0 - torch.rand(w.shape[0], generator=gen).to(w.device)  # (0, 1]
+        u = 1.0 - torch.rand(w.shape[0], generator=self.gen).to(w.device)  # (0, 1]
         # Gram of this batch from n_gram tokens, unbiased (priority sampling), or of all tokens
         idx, c = am.priority_sample(w, w.numel() if n_gram is None else n_gram, u)
         rows = flat[idx].float()
@@ -116,6 +110,7 @@ class _Inputs:
             best = prio.topk(min(keep + 1, prio.numel())).indices
             rows, wt, prio = rows[best], wt[best], prio[best]
         self.rows, self.weight, self.prio = rows, wt, prio
+        self.seconds += time.perf_counter() - t0
 
     def sample(self, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``keep`` sampled tokens ``[t, K]`` and their estimator weights ``[t]`` (see priority_sample)."""
@@ -175,65 +170,6 @@ class _Stop(Exception):
     """Ends a capture forward once every module of interest has been reached."""
 
 
-def _is_norm(m: nn.Module) -> bool:
-    w = getattr(m, "weight", None)
-    return (not list(m.children()) and isinstance(w, nn.Parameter) and w.dim() == 1
-            and not isinstance(m, (nn.Linear, nn.Embedding)))
-
-
-def _foldable(norm: nn.Module, x: torch.Tensor) -> bool:
-    """Whether dividing the norm's weight (and bias) by ``s`` divides its output by ``s``."""
-    s = torch.linspace(0.5, 2.0, norm.weight.numel(), device=norm.weight.device)
-    saved = [(p, p.detach().clone()) for p in (norm.weight, getattr(norm, "bias", None)) if isinstance(p, torch.Tensor)]
-    with torch.no_grad():
-        y = norm(x).float()
-        for p, _ in saved:
-            p.div_(s.to(p.dtype))
-        y2 = norm(x).float() * s
-        for p, v in saved:
-            p.copy_(v)
-    return bool(torch.allclose(y2, y, rtol=1e-3, atol=1e-5 * float(y.abs().max()) + 1e-12))
-
-
-def detect_mappings(block: nn.Module, run: Callable[[], None]) -> tuple[Mapping, ...]:
-    """Generic path: norm -> linears mappings found by running the block once (``run``) and
-    matching each linear's input tensor with a norm's output; only norms whose scale folds exactly
-    are kept. The mapping is measured at the linears' closest common parent module."""
-    norms = {n: m for n, m in block.named_modules() if _is_norm(m)}
-    lin = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-    seen_in: dict[str, torch.Tensor] = {}
-    seen_out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    def out_hook(n: str) -> Callable:  # hooks return None: a returned value would replace the output
-        return lambda mod, a, out: None if n in seen_out else seen_out.update({n: (a[0], out)})
-
-    def in_hook(n: str) -> Callable:
-        return lambda mod, a: None if n in seen_in else seen_in.update({n: a[0]})
-
-    hooks = [m.register_forward_hook(out_hook(n)) for n, m in norms.items()]
-    hooks += [m.register_forward_pre_hook(in_hook(n)) for n, m in lin.items()]
-    try:
-        run()
-    finally:
-        for h in hooks:
-            h.remove()
-    found = []
-    for n, (x, y) in seen_out.items():
-        fed = tuple(ln for ln, xin in seen_in.items() if xin is y)
-        if not fed:
-            continue
-        if not _foldable(norms[n], x):
-            log.info("AWQ: %s does not scale its output linearly with its weight; not folded", n)
-            continue
-        parts = [f.split(".")[:-1] for f in fed]
-        common = []
-        for level in zip(*parts):
-            if len(set(level)) > 1:
-                break
-            common.append(level[0])
-        found.append(Mapping(n, fed, ".".join(common) or None))
-    return tuple(found)
-
-
 @register("awq")
 class AWQ(Transform):
     """Activation-aware scaling and clipping before a quantizer (``"awq"`` = AWQ then RTN)."""
@@ -243,30 +179,20 @@ class AWQ(Transform):
 
     def __init__(self, config: AWQConfig) -> None:
         super().__init__(config)
-        self._inputs: dict[str, _Inputs] = {}   # full linear name -> its input statistics
-        self._alias: dict[str, str] = {}        # full linear name -> linear whose input it shares
-        self._last: tuple[torch.Tensor, str] | None = None
         self._gen = torch.Generator().manual_seed(0)
         self._logged: set[str] = set()
-        self._observe_s = 0.0
 
-    # ------------------------------------------------------------------ statistics
-    def observe(self, name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> None:
-        t0 = time.perf_counter()
-        key = self._alias.get(name)
-        if key is None:  # linears called one after another on the same tensor share its statistics
-            key = self._last[1] if self._last is not None and self._last[0] is x else name
-            self._alias[name] = key
-        self._last = (x, key)
-        if key != name:
-            return
-        self._inputs.setdefault(name, _Inputs()).add(x.detach(), self.config.clip_tokens, self.config.search_tokens,
-                                                      self._gen)
-        self._observe_s += time.perf_counter() - t0
+    def new_stats(self) -> _Inputs:
+        return _Inputs(self.config.clip_tokens, self.config.search_tokens, self._gen)
 
-    def _stats(self, ctx: Any, rel: str) -> _Inputs | None:
-        full = f"{ctx.prefix}.{rel}"
-        return self._inputs.get(self._alias.get(full, full))
+    def memory(self, shape: Any, tokens: int, batches: int, pipeline: str) -> Memory:
+        """Per distinct input of the block: its fp32 Gram matrix and up to ``search_tokens`` sampled rows."""
+        widths, rows = shape.inputs(), min(self.config.search_tokens + 1, tokens)
+        return Memory(statistics=4 * sum(k * k + rows * k for k in widths), workspace=2 * 4 * shape.largest_linear())
+
+    @staticmethod
+    def _stats(ctx: Any, rel: str) -> _Inputs | None:
+        return ctx.stats.get(rel)
 
     def _log_once(self, msg: str, *args: Any) -> None:
         if msg not in self._logged:
@@ -275,23 +201,12 @@ class AWQ(Transform):
 
     # ------------------------------------------------------------------ mappings
     def _mappings(self, block: nn.Module, ctx: Any) -> list[_Fold]:
-        maps = ctx.arch.mappings
+        maps = ctx.mappings(block)
         if not maps:
-            i = ctx.index if hasattr(ctx, "index") else 0
-
-            def run() -> None:
-                b = ctx.inputs[0].shape[0]
-                h = slice_batch(ctx.inputs[0], 1, b)
-                block(to_device(h, ctx.device), **to_device(slice_batch(ctx.kwargs[0], 1, b), ctx.device))
-
-            with torch.no_grad():
-                maps = detect_mappings(block, run)
-            self._log_once("AWQ: no preset mappings for this architecture; found %s", [m.prev for m in maps])
-            if not maps:
-                raise ValueError(
-                    f"AWQ found no op whose output scale folds into linears in block {ctx.prefix} ({type(block).__name__}, "
-                    f"block {i}): add Mapping entries for this model_type to ptqkit.models.ARCHITECTURES, "
-                    "or quantize without AWQ (method='rtn' or 'gptq')")
+            raise ValueError(
+                f"AWQ found no op whose output scale folds into linears in block {ctx.prefix} "
+                f"({type(block).__name__}): add Mapping entries for this model_type to ptqkit.models.ARCHITECTURES, "
+                "or quantize without AWQ (method='rtn' or 'gptq')")
         folds = []
         for m in maps:
             for path in (m.prev, *m.linears) + ((m.inspect,) if m.inspect else ()):
@@ -315,7 +230,7 @@ class AWQ(Transform):
             folds.append(fold)
         return folds
 
-    def _heads(self, block: nn.Module, m: Mapping, p: int, k: int) -> tuple[int, int, int] | None:
+    def _heads(self, block: nn.Module, m: Any, p: int, k: int) -> tuple[int, int, int] | None:
         """Grouped-query attention: v's output channel (kv, d) reaches o's input columns (kv·rep + r, d)
         for every r, so one scale per v channel, repeated over the query heads, folds exactly."""
         attn = block.get_submodule(m.prev.rpartition(".")[0]) if "." in m.prev else block
@@ -356,9 +271,9 @@ class AWQ(Transform):
                     take = min(b, left)
                     left -= take
                     pending.update(names)
-                    h = to_device(slice_batch(ctx.inputs[i], take, b), ctx.device)
+                    h = send_to_device(slice_batch(ctx.inputs[i], take, b), ctx.device)
                     try:
-                        block(h, **to_device(slice_batch(ctx.kwargs[i], take, b), ctx.device))
+                        block(h, **send_to_device(slice_batch(ctx.kwargs[i], take, b), ctx.device))
                     except _Stop:
                         pass
         finally:
@@ -468,22 +383,20 @@ class AWQ(Transform):
         sampled rows stay local: their losses are summed in ``_module_losses``."""
         if not distributed.is_distributed():
             return
-        done = set()
+        done: set[int] = set()
         for rel, lin in ctx.linears.items():
-            full = f"{ctx.prefix}.{rel}"
-            key = self._alias.get(full, full)
-            if key in done:
+            st = ctx.stats.setdefault(rel, self.new_stats())
+            if id(st) in done:
                 continue
-            done.add(key)
-            st = self._inputs.setdefault(key, _Inputs())
+            done.add(id(st))
             k, dev = lin.in_features, lin.weight.device
             counts = distributed.all_reduce_(torch.tensor([float(st.count), float(st.gram_count)], dtype=torch.float64))
             st.abs_sum = distributed.all_reduce_(
                 torch.zeros(k, dtype=torch.float64, device=dev) if st.abs_sum is None else st.abs_sum)
             st.gram = distributed.all_reduce_(torch.zeros(k, k, device=dev) if st.gram is None else st.gram)
             st.count, st.gram_count = int(counts[0]), int(counts[1])
-            if st.count == 0:
-                del self._inputs[key]
+        for rel in [r for r, st in ctx.stats.items() if st.count == 0]:  # no rank saw this input
+            del ctx.stats[rel]
 
     # ------------------------------------------------------------------ apply
     def apply(self, block: nn.Module, ctx: Any) -> None:
@@ -493,27 +406,22 @@ class AWQ(Transform):
             if not hasattr(ctx.qargs, attr) or not hasattr(ctx.qargs, "group_len"):
                 raise ValueError(f"AWQ searches against the quantizer's weight grid, but its config "
                                  f"{type(ctx.qargs).__name__} has no {attr!r}/group_size")
-        info: dict[str, Any] = {"mappings": [], "observe_s": self._observe_s}
-        try:
-            self._all_reduce(ctx)
-            if self.config.scale_search:
-                folds = self._mappings(block, ctx)
-                mixing = sorted({f.inspect for f in folds if f.inspect is not None and not f.tokenwise})
-                captured = self._capture(block, ctx, mixing)
-                t1 = time.perf_counter()
-                for fold in folds:
-                    info["mappings"].append(self._search(block, fold, ctx, captured))
-                    log.debug("AWQ %s: %s", ctx.prefix, info["mappings"][-1])
-                del captured
-                info["scale_s"] = time.perf_counter() - t1
-            if self.config.clip_search:
-                t2 = time.perf_counter()
-                info["clip_shrink"] = self._clip(ctx)
-                info["clip_s"] = time.perf_counter() - t2
-        finally:
-            self._inputs.clear()
-            self._alias.clear()
-            self._last = None
-            self._observe_s = 0.0
+        observe_s = sum({id(st): st.seconds for st in ctx.stats.values()}.values())
+        info: dict[str, Any] = {"mappings": [], "observe_s": observe_s}
+        self._all_reduce(ctx)
+        if self.config.scale_search:
+            folds = self._mappings(block, ctx)
+            mixing = sorted({f.inspect for f in folds if f.inspect is not None and not f.tokenwise})
+            captured = self._capture(block, ctx, mixing)
+            t1 = time.perf_counter()
+            for fold in folds:
+                info["mappings"].append(self._search(block, fold, ctx, captured))
+                log.debug("AWQ %s: %s", ctx.prefix, info["mappings"][-1])
+            del captured
+            info["scale_s"] = time.perf_counter() - t1
+        if self.config.clip_search:
+            t2 = time.perf_counter()
+            info["clip_shrink"] = self._clip(ctx)
+            info["clip_s"] = time.perf_counter() - t2
         info["awq_s"] = time.perf_counter() - t0
         self.stats[f"{ctx.prefix}.awq"] = info

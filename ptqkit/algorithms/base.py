@@ -1,29 +1,105 @@
-"""The algorithm protocol: transforms change weights in place, a quantizer replaces linears.
+"""The plugin protocol: transforms change weights in place, a quantizer replaces linears.
 
-The runner (``ptqkit.calibration.runner``) drives both, one decoder block at a time:
+The calibration runner (``ptqkit.calibration``) drives both, one decoder block at a time, and owns
+the statistics: for every distinct linear input it asks the algorithm for a fresh accumulator
+(:meth:`Algorithm.new_stats`, an object with ``add(x)``) and feeds it every calibration batch's
+input. Linears that read the very same tensor (q/k/v, gate/up) share one accumulator. Then:
 
-- a ``Transform`` sees every targeted linear's input and output through ``observe`` during a
-  forward pass of the block, then ``apply(block, ctx)`` rewrites weights (AWQ, SmoothQuant); or,
-  when ``in_pass`` says so, folds at the quantizer's barriers (``at_barrier``) with no pass of its own;
-- a ``Quantizer`` sees each linear's input through ``observe`` and is asked to
-  ``quantize(name, linear)`` it once every calibration batch has reached that linear, so every
-  layer is quantized on inputs produced by its already-quantized predecessors.
+- a ``Transform`` gets ``apply(block, ctx)`` after a forward pass of the block, ``ctx.stats`` mapping
+  each linear to its input's statistics (AWQ, SmoothQuant); or, when ``in_pass(block, ctx)`` says so,
+  ``at_barrier(ctx, barrier)`` inside the quantizer's pass, each time a linear input is new, and may
+  fold a scale there (SmoothQuant with fixed strengths: no pass of its own);
+- a ``Quantizer`` gets ``quantize(name, linear, stats)`` once every calibration batch has reached the
+  linear, so every layer is quantized on inputs produced by its already-quantized predecessors.
+
+Each algorithm also states its memory (:meth:`Algorithm.memory`), which ``ptqkit.estimate`` sums.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal, Optional, Protocol, Sequence
 
 import torch
+from accelerate.utils import recursively_apply, send_to_device
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import nn
 
 from .. import distributed
 from ..layers import QuantLinear, QuantLinearW8A8
-from ..quant import QuantArgs
+from ..models import detect_mappings
+from ..quant import STRICT, QuantArgs
+
+log = logging.getLogger(__name__)
+
+
+def slice_batch(obj: Any, take: int, batch: int) -> Any:
+    """The first ``take`` sequences of the tensors nested in ``obj`` whose leading dimension is ``batch``."""
+    return recursively_apply(lambda t: t[:take] if t.dim() > 0 and t.shape[0] == batch else t, obj)
+
+
+def block_output(out: Any) -> torch.Tensor:
+    """The hidden states of a module that may return a tuple (attention: ``(out, weights)``)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class Stats(Protocol):
+    """Statistics of one linear input, accumulated batch by batch."""
+
+    def add(self, x: torch.Tensor) -> None: ...
 
 
 @dataclass
+class BlockContext:
+    """What a transform may use for one decoder block."""
+
+    index: int
+    prefix: str                              # full name of the block, e.g. "model.layers.3"
+    linears: dict[str, nn.Module]            # the block's linears to quantize (ignore applied), by short name
+    inputs: list[torch.Tensor]               # hidden states per batch [b, L, H]
+    kwargs: list[dict[str, Any]]             # keyword arguments per batch (masks, rotary, ...)
+    device: torch.device
+    arch: Any                                # ptqkit.models.Architecture
+    qargs: Any                               # the quantizer's config (bits, group_size, sym, ...)
+    stats: dict[str, Any] = field(default_factory=dict)  # linear -> statistics of its input (observe pass)
+    _found: tuple | None = field(default=None, repr=False)
+
+    def mappings(self, block: nn.Module) -> tuple:
+        """The architecture's norm/linear -> linears mappings (``ptqkit.models.Mapping``); without a preset,
+        those found by running ``block`` on one calibration sequence (``ptqkit.models.detect_mappings``)."""
+        if self.arch.mappings or not self.inputs:
+            return self.arch.mappings
+        if self._found is None:
+            one = slice_batch((self.inputs[0], self.kwargs[0]), 1, self.inputs[0].shape[0])
+            with torch.no_grad():
+                self._found = detect_mappings(block, lambda: self.forward_one(block, *one))
+            log.info("%s: no preset mappings for this architecture; found %s", self.prefix,
+                     [m.prev for m in self._found])
+        return self._found
+
+    def forward_one(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        return block_output(block(send_to_device(hidden, self.device), **send_to_device(kwargs, self.device)))
+
+    def forward(self, block: nn.Module, batches: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Run ``block`` on the calibration inputs (all batches, or the chosen ones)."""
+        idx = range(len(self.inputs)) if batches is None else batches
+        return [block_output(block(send_to_device(self.inputs[i], self.device),
+                                   **send_to_device(self.kwargs[i], self.device))) for i in idx]
+
+
+@dataclass
+class Barrier:
+    """What an in-pass transform sees when a linear input is new: every batch holds its input to linear
+    ``name`` (short name in the block); no linear reading it is quantized yet."""
+
+    name: str
+    inputs: list[torch.Tensor]                          # one per batch, batch order
+    module: Callable[[str], nn.Module]                  # the float module behind a name (dequantized once quantized)
+    divide_rows: Callable[[str, torch.Tensor], None]    # divide a linear's output rows, float and quantized forms
+
+
+@pydantic_dataclass(config=STRICT)
 class QuantizerConfig(QuantArgs):
     """Shared quantizer options: the weight grid plus the activation scheme.
 
@@ -31,17 +107,23 @@ class QuantizerConfig(QuantArgs):
     (int8 per tensor, scale from calibration); both need 8-bit symmetric per-channel weights.
     """
 
-    activations: str | None = None
+    activations: Optional[Literal["dynamic", "static"]] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.activations not in (None, "dynamic", "static"):
-            raise ValueError(f"activations={self.activations!r}: use None, 'dynamic' or 'static'")
         if self.activations is not None and (self.bits != 8 or not self.sym or self.group_size != -1):
             raise ValueError(
                 "int8 activations (W8A8) need bits=8, sym=True and group_size=-1; "
                 f"got bits={self.bits}, sym={self.sym}, group_size={self.group_size}"
             )
+
+
+@dataclass
+class Memory:
+    """Bytes an algorithm holds for one decoder block (``ptqkit.estimate`` adds them up)."""
+
+    statistics: int = 0   # everything accumulated for the block's linear inputs at its peak
+    workspace: int = 0    # transient buffers while one linear is processed
 
 
 class Algorithm:
@@ -56,8 +138,14 @@ class Algorithm:
         self.config = config
         self.stats: dict[str, dict[str, Any]] = {}  # per-layer facts for the report
 
-    def observe(self, name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> None:
-        """Record statistics of one calibration batch (inputs ``x``; outputs ``y`` for transforms)."""
+    def new_stats(self) -> Stats | None:
+        """A fresh accumulator for one linear input, or ``None`` when the algorithm needs no statistics."""
+        return None
+
+    def memory(self, shape: Any, tokens: int, batches: int, pipeline: str) -> Memory:
+        """What this algorithm holds for one block of a model of ``shape`` (``ptqkit.estimate.ModelShape``),
+        calibrated on ``tokens`` tokens in ``batches`` batches."""
+        return Memory()
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.name, **dataclasses.asdict(self.config)}
@@ -68,52 +156,48 @@ class Transform(Algorithm):
     #: quantizer defaults this transform implies unless the user sets them (SmoothQuant: W8A8)
     quantizer_defaults: ClassVar[dict[str, Any]] = {}
 
-    def apply(self, block: nn.Module, ctx: Any) -> None:
+    def apply(self, block: nn.Module, ctx: BlockContext) -> None:
         raise NotImplementedError
 
-    def in_pass(self, block: nn.Module, ctx: Any) -> bool:
+    def in_pass(self, block: nn.Module, ctx: BlockContext) -> bool:
         """True: skip the observe pass of this block and fold at the quantizer pass's barriers instead."""
         return False
 
-    def at_barrier(self, block: nn.Module, ctx: Any, name: str, xs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """In-pass fold: every batch's input ``xs`` to linear ``name`` is held, none quantized yet.
-        Returns ``{reader: s}`` for the linears whose inputs in this pass must be divided by ``s``."""
+    def at_barrier(self, ctx: BlockContext, barrier: Barrier) -> torch.Tensor | None:
+        """In-pass fold at a new linear input; returns ``s`` when every reader's input must be divided by it."""
         raise NotImplementedError
 
-    def finish(self, block: nn.Module, ctx: Any) -> None:
+    def finish(self, block: nn.Module, ctx: BlockContext) -> None:
         """After an in-pass block: drop per-block state."""
 
 
-@dataclass
-class _ActStats:
-    amax: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+class ActMax:
+    """A linear input's ``max |x|`` (static int8 activation scales)."""
+
+    def __init__(self) -> None:
+        self.amax: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        m = x.detach().abs().amax().float().cpu()
+        self.amax = m if self.amax is None else torch.maximum(self.amax, m)
 
 
 class Quantizer(Algorithm):
     kind = "quantizer"
     config: QuantizerConfig
 
-    def __init__(self, config: QuantizerConfig) -> None:
-        super().__init__(config)
-        self._amax: dict[str, torch.Tensor] = {}
+    def new_stats(self) -> Stats | None:
+        return ActMax() if self.config.activations == "static" else None
 
-    def observe(self, name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> None:
-        if self.config.activations == "static":
-            m = x.detach().abs().amax().float().cpu()
-            self._amax[name] = torch.maximum(self._amax.get(name, m), m)
+    def memory(self, shape: Any, tokens: int, batches: int, pipeline: str) -> Memory:
+        return Memory(workspace=2 * 4 * shape.largest_linear())  # fp32 weight copy and codes
 
-    def quantize(self, name: str, module: nn.Linear) -> nn.Module:
+    def quantize(self, name: str, module: nn.Linear, stats: Any = None) -> nn.Module:
+        """The quantized replacement of ``module`` from the statistics of its input (``None``: none)."""
         raise NotImplementedError
 
-    def build(
-        self,
-        name: str,
-        module: nn.Linear,
-        codes: torch.Tensor,
-        scales: torch.Tensor,
-        zeros: torch.Tensor,
-        perm: torch.Tensor | None = None,
-    ) -> nn.Module:
+    def build(self, name: str, module: nn.Linear, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+              perm: torch.Tensor | None = None, stats: Any = None) -> nn.Module:
         """The quantized replacement of ``module`` from ``codes [N, K]`` and ``scales/zeros [N, G]``."""
         cfg = self.config
         dtype = module.weight.dtype
@@ -121,9 +205,7 @@ class Quantizer(Algorithm):
             return QuantLinear.from_codes(codes, scales, zeros, cfg.bits, cfg.group_size, bias=module.bias,
                                           perm=perm, dtype=dtype)
         if perm is not None:  # W8A8 weights are per channel: undo act-order column permutation
-            inv = torch.empty_like(perm)
-            inv[perm] = torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype)
-            codes = codes[:, inv.long()]
+            codes = codes[:, torch.argsort(perm).long()]
         layer = QuantLinearW8A8(module.in_features, module.out_features, bias=module.bias is not None,
                                 static=cfg.activations == "static", dtype=dtype, device=codes.device)
         layer.qweight.copy_((codes.to(torch.int16) - zeros.to(torch.int16)).to(torch.int8))  # [N, K] (zero = 128)
@@ -131,14 +213,12 @@ class Quantizer(Algorithm):
         if module.bias is not None:
             layer.bias.copy_(module.bias.detach())
         if layer.input_scale is not None:
-            if distributed.is_distributed():  # data-parallel hook: the max over every rank's tokens
-                amax = distributed.all_reduce_(self._amax.get(name, torch.full((), -1.0)).clone(), "max")
-                self._amax.pop(name, None)
-                if amax >= 0:
-                    self._amax[name] = amax
-            if name not in self._amax:
+            amax = getattr(stats, "amax", None)
+            # data-parallel hook: the max over every rank's tokens (-1: this rank saw none)
+            amax = distributed.all_reduce_(torch.full((), -1.0) if amax is None else amax.clone(), "max")
+            if amax < 0:
                 raise RuntimeError(f"static activation scale for {name}: no calibration input reached this layer")
-            layer.input_scale.fill_(float(self._amax.pop(name).clamp(min=1e-8)) / 127.0)
+            layer.input_scale.fill_(float(amax.clamp(min=1e-8)) / 127.0)
         return layer
 
 

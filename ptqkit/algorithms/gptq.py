@@ -1,9 +1,9 @@
 """GPTQ (Frantar et al., 2022, arXiv:2210.17323) on the layer-wise runner.
 
-``observe`` folds each calibration batch into the linear's input Hessian ``H = 2/n Σ x xᵀ`` (fp32,
-running count); ``quantize`` runs the column loop of ``gptq_math`` and frees the Hessian. Linears
-that read the very same input tensor (q/k/v, gate/up in a Llama block) share the per-batch
-``Σ x xᵀ`` through a small identity-keyed cache, so it is computed once per batch, not per linear.
+The statistics of a linear input (:class:`Hessian`) fold each calibration batch into the input
+Hessian ``H = 2/n Σ x xᵀ`` (fp32, running count); ``quantize`` runs the column loop of ``gptq_math``.
+Linears that read the very same input tensor (q/k/v, gate/up in a Llama block) get one shared
+:class:`Hessian` from the runner: accumulated and factorized once, not per linear.
 
 Sequencing: with ``true_sequential=True`` the runner calibrates each linear on inputs produced by its
 already-quantized predecessors (per linear, one forward pass); ``False`` selects its two-pass
@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
-from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
+from pydantic.dataclasses import dataclass
 from torch import nn
 
 from .. import distributed
-from ..quant import quantize_weight
+from ..quant import STRICT, quantize_weight
 from ..registry import register
-from .base import Quantizer, QuantizerConfig, check_weight
+from .base import ActMax, Memory, Quantizer, QuantizerConfig, check_weight
 from .gptq_math import (
-    MSE_WEIGHTINGS,
     CholeskyError,
     PreparedHessian,
     accumulate_hessian,
@@ -35,11 +35,8 @@ from .gptq_math import (
 
 log = logging.getLogger(__name__)
 
-#: upper bound on the bytes of per-batch Σ x xᵀ kept for sharing between linears with one input
-GRAM_CACHE_BYTES = 256 * 2**20
 
-
-@dataclass
+@dataclass(config=STRICT)
 class GPTQConfig(QuantizerConfig):
     """GPTQ options (on top of ``bits``, ``group_size``, ``sym`` and the clip search ``mse*``).
 
@@ -60,71 +57,52 @@ class GPTQConfig(QuantizerConfig):
     """
 
     mse: bool = True
-    damp: float = 0.01
+    damp: Annotated[float, Field(ge=0.0)] = 0.01
     max_damp: float = 1.0
-    block_size: int = 128
+    block_size: Annotated[int, Field(ge=1)] = 128
     act_order: bool = True
     static_groups: bool = True
     true_sequential: bool = True
-    mse_weighting: str = "hessian"
+    mse_weighting: Literal["hessian", "uniform"] = "hessian"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.damp <= self.max_damp:
-            raise ValueError(f"damp={self.damp} must lie in [0, max_damp={self.max_damp}]; the paper uses 0.01")
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"block_size={self.block_size!r} must be a positive integer (the paper uses 128)")
-        for flag in ("mse", "act_order", "static_groups", "true_sequential"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"{flag}={getattr(self, flag)!r} must be True or False")
-        if self.mse_weighting not in MSE_WEIGHTINGS:
-            raise ValueError(f"mse_weighting={self.mse_weighting!r}: choose one of {MSE_WEIGHTINGS}")
+        if self.damp > self.max_damp:
+            raise ValueError(f"damp={self.damp} must not exceed max_damp={self.max_damp}; the paper uses 0.01")
 
 
-class _GramCache:
-    """Per-batch ``(Σ x xᵀ, n)`` of input tensors that are still alive, keyed by tensor identity.
+class Hessian(ActMax):
+    """The running input Hessian ``H = 2/n Σ x xᵀ`` (fp32) of one linear input, shared by the linears
+    that read it (q/k/v, gate/up), with its factorization once the first of them has needed it."""
 
-    An entry disappears when its input tensor is freed (weakref callback), so a hit can only come from
-    the very same tensor object: exact, and bounded by ``budget`` bytes.
-    """
+    def __init__(self, track_amax: bool = False) -> None:
+        super().__init__()
+        self.track_amax = track_amax               # W8A8 static: max |x| too
+        self.hessian: torch.Tensor | None = None
+        self.count = 0
+        self.seconds = 0.0                         # accumulation time (reported with the first reader)
+        self.prepared: PreparedHessian | None = None
+        self.reduced = False                       # data-parallel: summed over ranks already
 
-    def __init__(self, budget: int = GRAM_CACHE_BYTES) -> None:
-        self.budget, self.used, self.hits = budget, 0, 0
-        self._entries: dict[int, tuple[weakref.ref, torch.Tensor, int]] = {}
-
-    def _drop(self, key: int, ref: weakref.ref) -> None:
-        entry = self._entries.get(key)
-        if entry is not None and entry[0] is ref:
-            del self._entries[key]
-            self.used -= entry[1].numel() * entry[1].element_size()
-
-    def get(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        key = id(x)
-        entry = self._entries.get(key)
-        if entry is not None and entry[0]() is x:
-            self.hits += 1
-            return entry[1], entry[2]
+    def add(self, x: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        if self.track_amax:
+            super().add(x)
         gram, n = input_gram(x)
-        size = gram.numel() * gram.element_size()
-        if self.used + size <= self.budget:
-            ref = weakref.ref(x, lambda r, key=key: self._drop(key, r))
-            self._entries[key] = (ref, gram, n)
-            self.used += size
-        return gram, n
+        self.hessian, self.count = accumulate_hessian(self.hessian, self.count, gram, n)
+        self.seconds += time.perf_counter() - t0
 
 
-def _all_reduce_hessian(entry: tuple[torch.Tensor, int] | None, k: int,
-                        device: torch.device) -> tuple[torch.Tensor, int] | None:
+def _all_reduce_hessian(st: Hessian, k: int, device: torch.device) -> None:
     """Data-parallel hook: every rank's ``(H, n)`` becomes the Hessian of all ranks' tokens,
     ``Σ n·H / Σ n`` (fp32), so all ranks quantize identically. Unchanged in a single process."""
-    if not distributed.is_distributed():
-        return entry
-    hessian, count = entry if entry is not None else (torch.zeros(k, k, device=device), 0)
-    total = int(distributed.all_reduce_float(count))
-    if total == 0:
-        return None
-    distributed.all_reduce_(hessian.mul_(count))
-    return hessian.div_(total), total
+    if st.reduced or not distributed.is_distributed():
+        return
+    st.reduced = True
+    hessian = st.hessian if st.hessian is not None else torch.zeros(k, k, device=device)
+    total = int(distributed.all_reduce_float(st.count))
+    distributed.all_reduce_(hessian.mul_(st.count))
+    st.hessian, st.count = (hessian.div_(total), total) if total else (None, 0)
 
 
 @register("gptq")
@@ -134,44 +112,29 @@ class GPTQ(Quantizer):
     Config = GPTQConfig
     config: GPTQConfig
 
-    def __init__(self, config: GPTQConfig) -> None:
-        super().__init__(config)
-        self._hessians: dict[str, tuple[torch.Tensor, int]] = {}
-        self._grams = _GramCache()
-        self._last_prepared: tuple[torch.Tensor, PreparedHessian] | None = None
+    def new_stats(self) -> Hessian:
+        return Hessian(track_amax=self.config.activations == "static")
 
-    def observe(self, name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> None:
-        super().observe(name, module, x, y)
-        t0 = time.perf_counter()
-        gram, n = self._grams.get(x)
-        hessian, count = self._hessians.get(name, (None, 0))
-        self._hessians[name] = accumulate_hessian(hessian, count, gram, n)
-        st = self.stats.setdefault(name, {})
-        st["hessian_s"] = st.get("hessian_s", 0.0) + time.perf_counter() - t0
+    def memory(self, shape: Any, tokens: int, batches: int, pipeline: str) -> Memory:
+        """fp32 ``K×K`` Hessians and their factorization: the current input's (sequential) or every input's
+        of the block (two-pass); workspace: weight copies, error and result buffers, the Cholesky factor."""
+        widths = shape.inputs()
+        stats = 8 * max(widths) ** 2 if pipeline == "sequential" else 4 * sum(k * k for k in widths) + 4 * max(widths) ** 2
+        return Memory(statistics=stats, workspace=3 * 4 * shape.largest_linear() + 8 * max(widths) ** 2)
 
-    def _prepare(self, hessian: torch.Tensor) -> tuple[PreparedHessian, bool]:
-        """Factorize ``hessian``, or reuse the last factorization if it was of a bit-identical Hessian
-        (linears fed by the same input accumulate the same Σ x xᵀ in the same order)."""
-        cfg = self.config
-        last = self._last_prepared
-        if last is not None and last[0].shape == hessian.shape and torch.equal(last[0], hessian):
-            return last[1], True
-        prepared = prepare(hessian, cfg.damp, cfg.max_damp, cfg.act_order)
-        self._last_prepared = (hessian, prepared)
-        return prepared, False
-
-    def quantize(self, name: str, module: nn.Linear) -> nn.Module:
+    def quantize(self, name: str, module: nn.Linear, stats: Hessian | None = None) -> nn.Module:
         cfg = self.config
         t0 = time.perf_counter()
         w = module.weight.detach()
         check_weight(name, w)
-        entry = _all_reduce_hessian(self._hessians.pop(name, None), module.in_features, w.device)
-        if entry is None:
+        st = stats if stats is not None else self.new_stats()
+        _all_reduce_hessian(st, module.in_features, w.device)
+        if st.hessian is None:
             log.warning("%s: no calibration input reached this layer; falling back to round-to-nearest", name)
             codes, scales, zeros = quantize_weight(w, cfg)
             self.stats.setdefault(name, {}).update(method="rtn", seconds=time.perf_counter() - t0)
-            return self.build(name, module, codes, scales, zeros)
-        hessian, count = entry
+            return self.build(name, module, codes, scales, zeros, stats=st)
+        hessian, count = st.hessian, st.count
         if not torch.isfinite(hessian).all():
             raise ValueError(
                 f"{name}: the input Hessian has NaN/Inf values: the calibration activations reaching this "
@@ -180,19 +143,21 @@ class GPTQ(Quantizer):
         hessian = hessian.to(w.device)
         # the factorization and the clip search use every thread (benchmarks/gptq_math.py, 2-core CPU:
         # K = 1536 Cholesky 123 against 240 ms on one); the column loop runs on one (gptq_columns)
-        try:
-            prepared, reused = self._prepare(hessian)
+        reused = st.prepared is not None
+        try:  # linears reading one input share its Hessian: factorized once
+            if st.prepared is None:
+                st.prepared = prepare(hessian, cfg.damp, cfg.max_damp, cfg.act_order)
+            prepared = st.prepared
             res = gptq_quantize(w, hessian, cfg, block_size=cfg.block_size, static_groups=cfg.static_groups,
                                 prepared=prepared, mse_weighting=cfg.mse_weighting)
         except CholeskyError as e:
             raise CholeskyError(f"{name}: {e}") from e
         except FloatingPointError as e:
             raise FloatingPointError(f"{name}: {e}") from e
-        del hessian, entry
         if res.damp != cfg.damp:
             log.warning("%s: Cholesky failed at damp=%g; succeeded with damp=%g", name, cfg.damp, res.damp)
         self.stats.setdefault(name, {}).update(
             method="gptq", damp=res.damp, loss=res.loss, dead_columns=res.dead, tokens=count,
-            shared_factorization=reused, seconds=time.perf_counter() - t0,
+            shared_factorization=reused, hessian_s=0.0 if reused else st.seconds, seconds=time.perf_counter() - t0,
         )
-        return self.build(name, module, res.codes, res.scales, res.zeros, perm=res.perm)
+        return self.build(name, module, res.codes, res.scales, res.zeros, perm=res.perm, stats=st)

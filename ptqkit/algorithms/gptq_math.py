@@ -273,18 +273,16 @@ def gptq_columns(
     as one matrix product per block (Sec. 4, "lazy batch-updates").
     """
     n, k = weight.shape
-    maxq = float(args.maxq)
     wt = weight.float().t().contiguous()                           # [K, N]: column c of W is row wt[c]
-    fixed = scale is not None
     g = args.group_len(k)
-    if fixed:
+    if scale is not None:
         st, zt = scale.float().t().contiguous(), zero.float().t().contiguous()   # [K, N]
-        inv_st, zst = st.reciprocal(), zt * st
+        qp = (st, st.reciprocal(), zt, zt * st)                    # scale, 1/scale, zero, zero·scale per column
     else:
         # groups never straddle a block, so every group's qparams see fully updated weights
         block_size = g * max(1, block_size // g)
-        scales = torch.empty(num_groups(k, g), n, dtype=torch.float32, device=wt.device)  # [G, N]
-        zeros = torch.empty_like(scales)
+        qp = (torch.empty(num_groups(k, g), n, dtype=torch.float32, device=wt.device), None, None, None)  # [G, N]
+        zeros = torch.empty_like(qp[0])
     codes = torch.empty(k, n, dtype=torch.float32, device=wt.device)   # [K, N] codes as floats
     diag = torch.diagonal(upper).float()
     unit = upper.float() / diag[:, None]                            # rows of U scaled to a unit diagonal
@@ -293,31 +291,44 @@ def gptq_columns(
     with single_thread():  # tiny, latency-bound ops: thread fork/join would cost more than the math
         for i1 in range(0, k, block_size):
             i2 = min(i1 + block_size, k)
-            w1 = wt[i1:i2]                                          # [B, N] view: updated in place
-            err1 = torch.empty_like(w1)                             # [B, N] errors w − q
-            u1 = unit[i1:i2, i1:i2]                                 # [B, B]
-            rows = zip(w1.unbind(0), codes[i1:i2].unbind(0), err1.unbind(0))   # [N] views per column
-            if fixed:
-                qp = zip(st[i1:i2].unbind(0), inv_st[i1:i2].unbind(0), zt[i1:i2].unbind(0), zst[i1:i2].unbind(0))
-            for i, (w, q, e) in enumerate(rows):
-                c = i1 + i
-                if fixed:
-                    s, inv_s, z, zs = next(qp)
-                elif c % g == 0:                                    # a group starts: its qparams, [N] each
-                    s, z = search_qparams(w1[i:i + g].t(), args, mse_weighting, inv_d2[c:c + g])
-                    scales[c // g], zeros[c // g] = s, z
-                    inv_s, zs = s.reciprocal(), z * s
-                torch.addcmul(z, w, inv_s, out=q).round_().clamp_(0.0, maxq)   # code = clamp(round(w/s + z))
-                torch.addcmul(w, q, s, value=-1.0, out=e).add_(zs)             # e = w − (code − z)·s
-                if c + 1 < i2:
-                    w1[i + 1:].addr_(u1[i, i + 1:], e, alpha=-1.0)              # in-block update
+            err1 = _quantize_block(wt, codes, unit, inv_d2, qp, None if scale is not None else zeros, i1, i2, g,
+                                   args, mse_weighting)
             loss += float((err1.double() / diag[i1:i2, None].double()).pow(2).sum()) / 2   # Σ (w−q)²/d² / 2
             if i2 < k:
                 wt[i2:].addmm_(unit[i1:i2, i2:].t(), err1, alpha=-1.0)           # lazy update of later blocks
     codes_u8 = codes.t().to(torch.uint8)                                         # [N, K]
-    if fixed:
+    if scale is not None:
         return ColumnResult(codes_u8, scale, zero.round().to(torch.uint8), loss)
-    return ColumnResult(codes_u8, scales.t().contiguous(), zeros.t().round().to(torch.uint8), loss)
+    return ColumnResult(codes_u8, qp[0].t().contiguous(), zeros.t().round().to(torch.uint8), loss)
+
+
+def _quantize_block(wt: torch.Tensor, codes: torch.Tensor, unit: torch.Tensor, inv_d2: torch.Tensor, qp: tuple,
+                    zeros: torch.Tensor | None, i1: int, i2: int, g: int, args: QuantArgs,
+                    mse_weighting: str) -> torch.Tensor:
+    """Columns ``i1..i2`` of :func:`gptq_columns` (``wt`` and ``codes`` updated in place); returns the
+    block's errors ``[B, N]``. ``qp``: per-column (scale, 1/scale, zero, zero·scale) ``[K, N]`` each, or,
+    with ``zeros`` given, ``(scales [G, N], None, None, None)`` filled group by group here."""
+    maxq = float(args.maxq)
+    w1 = wt[i1:i2]                                              # [B, N] view: updated in place
+    err1 = torch.empty_like(w1)                                 # [B, N] errors w − q
+    u1 = unit[i1:i2, i1:i2]                                     # [B, B]
+    rows = zip(w1.unbind(0), codes[i1:i2].unbind(0), err1.unbind(0))   # [N] views per column
+    fixed = zeros is None
+    if fixed:
+        per_col = zip(*(t[i1:i2].unbind(0) for t in qp))
+    for i, (w, q, e) in enumerate(rows):
+        c = i1 + i
+        if fixed:
+            s, inv_s, z, zs = next(per_col)
+        elif c % g == 0:                                        # a group starts: its qparams, [N] each
+            s, z = search_qparams(w1[i:i + g].t(), args, mse_weighting, inv_d2[c:c + g])
+            qp[0][c // g], zeros[c // g] = s, z
+            inv_s, zs = s.reciprocal(), z * s
+        torch.addcmul(z, w, inv_s, out=q).round_().clamp_(0.0, maxq)   # code = clamp(round(w/s + z))
+        torch.addcmul(w, q, s, value=-1.0, out=e).add_(zs)             # e = w − (code − z)·s
+        if c + 1 < i2:
+            w1[i + 1:].addr_(u1[i, i + 1:], e, alpha=-1.0)              # in-block update
+    return err1
 
 
 # ---------------------------------------------------------------------------- one whole layer

@@ -28,18 +28,19 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from dataclasses import dataclass as std_dataclass
+from typing import Annotated, Any, Callable, ClassVar, Literal, Optional, Sequence, Union
 
 import torch
+from pydantic import Field
+from pydantic.dataclasses import dataclass
 from torch import nn
 
 from .. import distributed
-from ..layers import QuantLinear, QuantLinearW8A8
-from ..models import Mapping, architecture, find_blocks, find_linears, set_submodule
-from ..quant import QuantArgs, quantize_weight
+from ..models import Mapping, architecture, find_blocks, find_linears
+from ..quant import STRICT
 from ..registry import register
-from .base import Transform
+from .base import ActMax, Barrier, BlockContext, Memory, Transform
 
 log = logging.getLogger(__name__)
 
@@ -47,45 +48,29 @@ DEFAULT_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 EPS = 1e-5
 
 
-def _strength(value: Any, what: str, allow_auto: bool = True) -> float | str:
-    """A validated migration strength: a number in [0, 1], or ``"auto"``."""
-    if allow_auto and isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(
-            f"{what}={value!r} is not valid: SmoothQuant's migration strength is a number in [0, 1] "
-            "(0.5 balances activations and weights, 0.8 pushes more into the weights)"
-            + (" or 'auto'" if allow_auto else "")
-        )
-    return float(value)
+Strength = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
 
-@dataclass
+@dataclass(config=STRICT)
 class SmoothQuantConfig:
     """SmoothQuant options.
 
-    - ``alpha``: migration strength of the norm → linears mappings (the paper's α), in [0, 1],
-      or ``"auto"``: searched per block over ``alpha_grid`` on ``alpha_samples`` sequences;
+    - ``alpha``: migration strength of the norm → linears mappings (the paper's α), in [0, 1]
+      (0.5 balances activations and weights, 0.8 pushes more into the weights), or ``"auto"``:
+      searched per block over ``alpha_grid`` on ``alpha_samples`` sequences;
     - ``linear_alpha``: the same for linear → linear mappings (up → down; v → o without
       grouped-query attention), or ``None`` to smooth the norm mappings only, as the paper does.
       Its own default (0.5) because ``down_proj``'s weights absorb less than the QKV/gate/up ones:
       on SmolLM2 α = 0.8 there costs more than it gains, while 0.8 suits the norm mappings.
     """
 
-    alpha: float | str = 0.5
-    linear_alpha: float | str | None = 0.5
-    alpha_grid: Sequence[float] = DEFAULT_GRID
-    alpha_samples: int = 8
+    alpha: Union[Strength, Literal["auto"]] = 0.5
+    linear_alpha: Optional[Union[Strength, Literal["auto"]]] = 0.5
+    alpha_grid: Annotated[Sequence[Strength], Field(min_length=1)] = DEFAULT_GRID
+    alpha_samples: Annotated[int, Field(ge=1)] = 8
 
     def __post_init__(self) -> None:
-        self.alpha = _strength(self.alpha, "alpha")
-        if self.linear_alpha is not None:
-            self.linear_alpha = _strength(self.linear_alpha, "linear_alpha")
-        if isinstance(self.alpha_grid, (int, float, str)) or not len(self.alpha_grid):
-            raise ValueError(f"alpha_grid={self.alpha_grid!r}: give a non-empty list of numbers in [0, 1]")
-        self.alpha_grid = tuple(_strength(a, "alpha_grid entry", allow_auto=False) for a in self.alpha_grid)
-        if isinstance(self.alpha_samples, bool) or not isinstance(self.alpha_samples, int) or self.alpha_samples < 1:
-            raise ValueError(f"alpha_samples={self.alpha_samples!r}: give a positive number of calibration sequences")
+        self.alpha_grid = tuple(self.alpha_grid)
 
 
 # ------------------------------------------------------------------ pure math
@@ -136,30 +121,31 @@ def outlier_stats(act_max: torch.Tensor) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------ simulated quantization (alpha search)
-def simulated_linear(linear: nn.Linear, qargs: QuantArgs, input_amax: float | None = None) -> nn.Module:
+def simulated_linear(linear: nn.Linear, qargs: Any, input_amax: float | None = None) -> nn.Module:
     """The module ``linear`` becomes under RTN with ``qargs`` (a quantizer config): W8A8 when
     ``qargs.activations`` is set (static input scale ``input_amax / 127``), else weight-only."""
-    w = linear.weight.detach()
-    codes, scales, zeros = quantize_weight(w, qargs)                           # [N, K], [N, G], [N, G]
-    acts = getattr(qargs, "activations", None)
-    if acts is None:
-        return QuantLinear.from_codes(codes, scales, zeros, qargs.bits, qargs.group_size, bias=linear.bias,
-                                      dtype=w.dtype)
-    static = acts == "static"
-    layer = QuantLinearW8A8(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                            static=static, dtype=w.dtype, device=w.device)
-    layer.qweight.copy_((codes.to(torch.int16) - zeros.to(torch.int16)).to(torch.int8))   # symmetric: zero 128
-    layer.weight_scale.copy_(scales[:, 0])
-    if linear.bias is not None:
-        layer.bias.copy_(linear.bias.detach())
-    if static:
-        if input_amax is None:
-            raise ValueError(f"static activations need the input's max |x| for {linear}")
-        layer.input_scale.fill_(max(float(input_amax), 1e-8) / 127.0)
-    return layer
+    from .rtn import RTN
+
+    stats = ActMax()
+    if input_amax is not None:
+        stats.amax = torch.tensor(float(input_amax))
+    elif getattr(qargs, "activations", None) == "static":
+        raise ValueError(f"static activations need the input's max |x| for {linear}")
+    return RTN(qargs).quantize("trial", linear, stats)
 
 
-@dataclass
+class ChannelMax:
+    """Per-channel ``max |x|`` of one linear input."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        m = channel_absmax(x)
+        self.value = m if self.value is None else torch.maximum(self.value, m)
+
+
+@std_dataclass
 class _Group:
     """One mapping of a block, resolved to modules and statistics."""
 
@@ -186,43 +172,42 @@ class SmoothQuant(Transform):
 
     def __init__(self, config: SmoothQuantConfig) -> None:
         super().__init__(config)
-        self._act_max: dict[str, torch.Tensor] = {}
         self._in_pass_done: set[str] = set()       # producers of this block already handled in-pass
-        self._in_pass_smoothed: set[str] = set()   # readers of this block whose inputs were smoothed
+        self._maps: tuple[Mapping, ...] = ()       # the in-pass block's mappings
 
-    def observe(self, name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> None:
-        m = channel_absmax(x)
-        prev = self._act_max.get(name)
-        self._act_max[name] = m if prev is None else torch.maximum(prev, m)
+    def new_stats(self) -> ChannelMax:
+        return ChannelMax()
+
+    def memory(self, shape: Any, tokens: int, batches: int, pipeline: str) -> Memory:
+        return Memory(statistics=4 * sum(shape.inputs()), workspace=2 * 4 * shape.largest_linear())
 
     # ---------------------------------------------------------------- wiring
     def _groups(self, block: nn.Module, ctx: Any) -> list[_Group]:
         """The block's smoothable mappings, all resolved before any weight changes."""
-        self._check_mappings(block, ctx)
-        groups = [self._group(block, ctx, m) for m in ctx.arch.mappings]
+        maps = self._check_mappings(block, ctx)
+        module = lambda name: _submodule(block, name, ctx)  # noqa: E731
+        groups = [self._group(module, ctx, m) for m in maps]
         return [g for g in groups if g is not None]
 
-    def _check_mappings(self, block: nn.Module, ctx: Any) -> None:
-        if not any(not isinstance(_submodule(block, m.prev, ctx), nn.Linear) for m in ctx.arch.mappings):
+    def _check_mappings(self, block: nn.Module, ctx: Any) -> tuple[Mapping, ...]:
+        """The block's mappings (``ctx.mappings``); an error when no norm feeds linears."""
+        maps = ctx.mappings(block)
+        if not any(not hasattr(_submodule(block, m.prev, ctx), "out_features") for m in maps):
             raise ValueError(
                 f"SmoothQuant needs the norm -> linears mappings of the architecture, and "
                 f"{type(block).__name__} has none: add an Architecture with mappings for this model_type "
                 "to ptqkit.models.ARCHITECTURES"
             )
+        return maps
 
-    @staticmethod
-    def _module(block: nn.Module, ctx: Any, name: str) -> nn.Module:
-        """The float (or, for an already quantized producer, the current) module behind ``name``,
-        looking through the runner's wrappers during an in-pass fold."""
-        live = ctx.live.get(name)
-        return live.inner if live is not None else _submodule(block, name, ctx)
-
-    def _group(self, block: nn.Module, ctx: Any, m: Mapping, act_max: torch.Tensor | None = None) -> _Group | None:
-        """``m`` resolved; its input maxima from the observe pass, or ``act_max`` (in-pass)."""
-        prev = self._module(block, ctx, m.prev)
-        linears = tuple(self._module(block, ctx, n) for n in m.linears)
+    def _group(self, module: Callable[[str], nn.Module], ctx: Any, m: Mapping,
+               act_max: torch.Tensor | None = None) -> _Group | None:
+        """``m`` resolved (``module``: the current float module behind a name); its input maxima from the
+        observe pass's statistics, or ``act_max`` (in-pass)."""
+        prev = module(m.prev)
+        linears = tuple(module(n) for n in m.linears)
         k = linears[0].in_features
-        if isinstance(prev, nn.Linear) or m.prev in ctx.live:
+        if hasattr(prev, "out_features"):  # a linear, float or (in-pass) already quantized
             if self.config.linear_alpha is None:
                 return None
             if prev.out_features != k:  # e.g. v -> o under grouped-query attention: no one-to-one fold
@@ -240,12 +225,12 @@ class SmoothQuant(Transform):
         if not quantized:  # every reader stays in full precision: nothing to smooth for
             return None
         if act_max is None:
-            stats = [self._act_max[f"{ctx.prefix}.{n}"] for n in quantized if f"{ctx.prefix}.{n}" in self._act_max]
+            stats = [ctx.stats[n].value for n in quantized if n in ctx.stats]
             if not stats:
                 log.warning("%s.%s: no calibration input reached %s; not smoothed", ctx.prefix, m.prev, quantized)
                 return None
             act_max = torch.stack(stats).amax(dim=0)
-        w_max = weight_absmax([self._module(block, ctx, n).weight for n in quantized])
+        w_max = weight_absmax([module(n).weight for n in quantized])
         return _Group(m.prev, prev, kind, tuple(m.linears), linears, quantized, act_max, w_max)
 
     # ---------------------------------------------------------------- in-pass (one forward per block)
@@ -256,57 +241,55 @@ class SmoothQuant(Transform):
         unsmoothed inputs with smoothed weights during that pass."""
         if "auto" in (self.config.alpha, self.config.linear_alpha):
             return False
-        self._check_mappings(block, ctx)
-        for m in ctx.arch.mappings:
+        self._maps = self._check_mappings(block, ctx)
+        for m in self._maps:
             n_quantized = sum(n in ctx.linears for n in m.linears)
             if 0 < n_quantized < len(m.linears):
                 return False
         return True
 
     @torch.no_grad()
-    def at_barrier(self, block: nn.Module, ctx: Any, name: str, xs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Smooth the mapping that ``name`` is the first reader of, from the held inputs ``xs``."""
-        act_max = torch.stack([channel_absmax(x) for x in xs]).amax(dim=0)
+    def at_barrier(self, ctx: Any, barrier: Barrier) -> torch.Tensor | None:
+        """Smooth the mapping that ``barrier.name`` is the first reader of, from the held inputs."""
+        act_max = torch.stack([channel_absmax(x) for x in barrier.inputs]).amax(dim=0)
         if distributed.is_distributed():  # data-parallel hook: the maxima over every rank's tokens
             act_max = distributed.all_reduce_(act_max.clone(), "max")
-        done = self._in_pass_done
-        m = next((m for m in ctx.arch.mappings if name in m.linears and m.prev not in done), None)
+        m = next((m for m in self._maps if barrier.name in m.linears and m.prev not in self._in_pass_done), None)
         g = None
         if m is not None:
-            done.add(m.prev)
-            g = self._group(block, ctx, m, act_max)
+            self._in_pass_done.add(m.prev)
+            g = self._group(barrier.module, ctx, m, act_max)
         if g is None:
-            if name not in self._in_pass_smoothed:
-                self._record_unsmoothed(f"{ctx.prefix}.{name}", act_max)
-            return {}
+            self._record_unsmoothed(f"{ctx.prefix}.{barrier.name}", act_max)
+            return None
         alphas = {"norm": self.config.alpha, "linear": self.config.linear_alpha}
         s = g.scales(alphas)
-        live = ctx.live.get(g.prev)
-        if live is not None:  # a linear this pass has already quantized: its scales take the division
-            live.divide_rows_(s)
+        if g.kind == "linear":  # the producer may be quantized already: its scales take the division
+            barrier.divide_rows(g.prev, s)
             fold_scales(None, g.linears, s)
         else:
             fold_scales(g.prev_module, g.linears, s)
         self._record(ctx, g, s, alphas)
-        self._in_pass_smoothed.update(g.names)
-        return {n: s for n in g.names}
+        return s
 
     def finish(self, block: nn.Module, ctx: Any) -> None:
         self._in_pass_done.clear()
-        self._in_pass_smoothed.clear()
 
     def _all_reduce(self, ctx: Any) -> None:
         """Data-parallel hook: per-channel maxima over every rank's tokens (MAX), in the order of
-        ``ctx.linears`` (the same on every rank); -1 marks a linear this rank never saw."""
+        ``ctx.linears`` (the same on every rank); -1 marks an input this rank never saw."""
         if not distributed.is_distributed():
             return
+        done: set[int] = set()
         for n, lin in ctx.linears.items():
-            key = f"{ctx.prefix}.{n}"
-            m = self._act_max.pop(key, None)
-            m = distributed.all_reduce_(torch.full((lin.in_features,), -1.0, device=lin.weight.device) if m is None
-                                       else m.clone(), "max")
-            if bool((m >= 0).all()):
-                self._act_max[key] = m
+            st = ctx.stats.setdefault(n, self.new_stats())
+            if id(st) in done:
+                continue
+            done.add(id(st))
+            m = torch.full((lin.in_features,), -1.0, device=lin.weight.device) if st.value is None else st.value.clone()
+            st.value = distributed.all_reduce_(m, "max")
+        for n in [n for n, st in ctx.stats.items() if not bool((st.value >= 0).all())]:
+            del ctx.stats[n]
 
     @torch.no_grad()
     def apply(self, block: nn.Module, ctx: Any) -> None:
@@ -323,11 +306,8 @@ class SmoothQuant(Transform):
             self._record(ctx, g, s, alphas)
         smoothed = {n for g in groups for n in g.quantized}
         for n in ctx.linears:  # the other linears' inputs, for the outlier picture
-            key = f"{ctx.prefix}.{n}"
-            if n not in smoothed and key in self._act_max:
-                self._record_unsmoothed(key, self._act_max[key])
-        for key in [k for k in self._act_max if k.startswith(ctx.prefix + ".")]:
-            del self._act_max[key]
+            if n not in smoothed and n in ctx.stats:
+                self._record_unsmoothed(f"{ctx.prefix}.{n}", ctx.stats[n].value)
 
     def _record(self, ctx: Any, g: _Group, s: torch.Tensor, alphas: dict[str, Any]) -> None:
         before, after = outlier_stats(g.act_max), outlier_stats(g.act_max / s)
@@ -374,7 +354,7 @@ class SmoothQuant(Transform):
         """Block output MSE against ``ref`` with ``alphas`` folded in and every linear quantized
         (RTN with the recipe's grid; static input scales from the smoothed statistics). The
         block's parameters and modules are restored afterwards."""
-        amax = {n: self._act_max[f"{ctx.prefix}.{n}"] for n in ctx.linears if f"{ctx.prefix}.{n}" in self._act_max}
+        amax = {n: ctx.stats[n].value for n in ctx.linears if n in ctx.stats}
         try:
             for g in groups:
                 s = g.scales(alphas)
@@ -382,11 +362,11 @@ class SmoothQuant(Transform):
                 amax.update({n: amax[n] / s for n in g.quantized if n in amax})
             for n, lin in ctx.linears.items():
                 a = amax.get(n)
-                set_submodule(block, n, simulated_linear(lin, ctx.qargs, None if a is None else a.max().item()))
+                block.set_submodule(n, simulated_linear(lin, ctx.qargs, None if a is None else a.max().item()))
             out = ctx.forward(block, batches)
         finally:
             for n, lin in ctx.linears.items():
-                set_submodule(block, n, lin)
+                block.set_submodule(n, lin)
             for p, orig in saved:
                 p.copy_(orig)
         err = sum(((o.float() - r.float()) ** 2).sum().item() for o, r in zip(out, ref))
@@ -417,8 +397,6 @@ def smooth_model(
     transform, whose ``stats`` hold the per-layer outlier picture. ``alpha`` must be a number:
     ``"auto"`` searches against quantization and runs inside ``ptqkit.quantize``.
     """
-    from ..calibration.runner import BlockContext  # the runner imports this package
-
     sq = SmoothQuant(SmoothQuantConfig(alpha=alpha, linear_alpha=linear_alpha))
     if "auto" in (sq.config.alpha, sq.config.linear_alpha):
         raise ValueError("smooth_model takes numeric strengths; 'auto' searches against a quantizer: use ptqkit.quantize")
@@ -428,7 +406,8 @@ def smooth_model(
     arch = architecture(model)
     device = next(model.parameters()).device
     linears = [find_linears(b, ignore, f"{path}.{i}.") for i, b in enumerate(blocks)]
-    handles = [m.register_forward_hook(lambda mod, args, out, key=f"{path}.{i}.{n}": sq.observe(key, mod, args[0], out))
+    stats = [{n: ChannelMax() for n in lin} for lin in linears]
+    handles = [m.register_forward_pre_hook(lambda mod, args, st=stats[i][n]: st.add(args[0]))
                for i, lin in enumerate(linears) for n, m in lin.items()]
     try:
         for ids in calibration.split(batch_size):
@@ -437,5 +416,6 @@ def smooth_model(
         for h in handles:
             h.remove()
     for i, (block, lin) in enumerate(zip(blocks, linears)):
-        sq.apply(block, BlockContext(i, f"{path}.{i}", lin, [], [], device, arch, None))
+        seen = {n: st for n, st in stats[i].items() if st.value is not None}
+        sq.apply(block, BlockContext(i, f"{path}.{i}", lin, [], [], device, arch, None, stats=seen))
     return sq

@@ -151,30 +151,62 @@ def _hub_texts(name: str, split: Literal["calibration", "evaluation"]) -> list[s
     return _take_texts(ds, max_chars=HUB_MAX_CHARS) if calib else _take_texts(ds, max_docs=EVAL_DOCS)
 
 
+def _jsonl_texts(path: Path) -> list[str]:
+    """The ``"text"`` field of every line of a .jsonl file; errors name the file and the line (``datasets``'
+    JSON reader does not, which is why this one stays)."""
+    texts = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}): one JSON object per line") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                got = "no \"text\" field" if not isinstance(row, dict) or "text" not in row else \
+                    f'"text" is {type(row["text"]).__name__}'
+                raise ValueError(f"{path}:{lineno}: each JSON line needs a \"text\" string field ({got})")
+            texts.append(row["text"])
+    return texts
+
+
 def _file_texts(path: Path) -> list[str]:
     """Documents of a local .txt (whole file), .jsonl (field "text") or .parquet (column "text")."""
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return [path.read_text(encoding="utf-8")]
+        try:
+            return [path.read_text(encoding="utf-8")]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if suffix == ".jsonl":
-        texts = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                if not isinstance(row, dict) or "text" not in row:
-                    raise ValueError(f"{path}:{lineno}: each JSON line needs a \"text\" field")
-                texts.append(row["text"])
-        return texts
-    if suffix == ".parquet":
+        return _jsonl_texts(path)
+    if suffix == ".parquet":  # pyarrow (datasets' own reader) directly: datasets would write a cache copy
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for a damaged file
+            raise ValueError(f"{path} is not a readable parquet file ({e})") from None
         if "text" not in table.column_names:
             raise ValueError(f"{path} has columns {table.column_names}; a \"text\" column is needed")
-        return table.column("text").to_pylist()
+        texts = table.column("text").to_pylist()
+        if not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"{path}: the \"text\" column must hold strings")
+        return texts
     raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {FILE_SUFFIXES}")
+
+
+def check_source(source: Any, what: str = "source") -> None:
+    """A text source named on the command line or in a job exists (before any model loads): ``builtin``, a
+    hub dataset name, or an existing file of a supported type."""
+    if not isinstance(source, (str, os.PathLike)) or source == "builtin" or source in HUB_SOURCES:
+        return
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"{what} {str(source)!r} is neither 'builtin', one of {HUB_SOURCES} nor an existing file")
+    if path.suffix.lower() not in FILE_SUFFIXES:
+        raise ValueError(f"{what} {str(source)!r}: unsupported file type {path.suffix!r}; use one of {FILE_SUFFIXES}")
 
 
 def _texts(source: str | os.PathLike | Sequence[str], split: Literal["calibration", "evaluation"]) -> tuple[list[str], str]:

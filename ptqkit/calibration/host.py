@@ -1,25 +1,18 @@
-"""Host memory of a calibration run: glibc's allocator and models offloaded to disk by accelerate.
+"""Host memory of a calibration run: glibc's allocator, and models offloaded to disk by accelerate.
 
-**Allocator** (CPU runs, Linux/glibc). The sequential pipeline runs every calibration batch in its
-own thread, and glibc gives each thread its own malloc arena; freed activation blocks stay in those
-heaps (glibc's dynamic mmap threshold climbs to 32 MiB), so the resident set keeps about every
-arena's own peak. GPTQ on SmolLM2 at 128 x 512 tokens (``benchmarks/quantize_time.py``):
+**Allocator** (CPU runs, Linux/glibc; measurements and the table in docs/scaling.md). The sequential
+pipeline runs every calibration batch in its own thread; glibc gives each thread its own malloc arena
+and keeps freed blocks in the heaps (its mmap threshold climbs to 32 MiB), so the resident set keeps
+far more than the live tensors. Two remedies, neither a setting of the user's process:
 
-| glibc | peak over the model | quantize |
-|---|---:|---:|
-| defaults (``PTQKIT_MALLOC_TUNE=0``) | 5.3 GB | 192 s |
-| one arena (``arena``) | 3.0 GB | 196 s |
-| one arena + fixed 1 MiB mmap threshold (``lean``) | 1.8 GB | 274 s |
-
-One arena costs nothing (the batch threads take turns under one lock), so ``import ptqkit`` sets it
-(:func:`tune_malloc`); it must come early, because the limit binds only threads that have no arena
-yet (a model load's worker threads make theirs). The fixed mmap threshold returns large blocks to the
-kernel when freed, so the peak follows the live set (what ``ptqkit.estimate`` models), but fresh
-pages fault in on every large allocation. In the default mode, ``auto``, the runner sets it only
-when the run needs it: when ``ARENA_FACTOR`` times the estimated peak would not fit in free memory
-(:func:`lean_if_needed`; one arena measured 1.0-2.2x the lean peak over 18 runs). ``lean`` and
-``arena`` force one choice; ``0`` leaves glibc alone. glibc has no getter for these settings, so they
-stay for the rest of the process; other C libraries are left alone.
+- ``ptqkit`` the command (:func:`tune_process`, called by its entry point before anything loads)
+  limits its own process to one arena: about a third less memory at the same speed. A library call
+  never does this: glibc cannot undo an arena limit once threads have used it.
+- :func:`trim_barriers`: when the estimated run would not fit in free memory with ``ARENA_FACTOR`` to
+  spare, the sequencer returns freed heap pages to the kernel (``malloc_trim(0)``) at every barrier,
+  when all batches are paused: the peak follows the live set (what ``ptqkit.estimate`` models), at the
+  price of page faults (about a fifth more time). ``PTQKIT_MALLOC_TUNE=trim`` forces it, ``0`` turns
+  both remedies off.
 
 **Disk offload.** transformers / accelerate load a model with ``device_map`` entries ``"disk"``
 (``offload_folder``) with those parameters on the ``meta`` device and an ``AlignDevicesHook`` per
@@ -36,75 +29,54 @@ import itertools
 import logging
 import os
 import sys
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
 
-_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8  # glibc malloc.h
-MMAP_THRESHOLD = 1 << 20
-ARENA_FACTOR = 2.5  # one arena's peak over the lean one's, with margin (measured up to 2.2)
-MODES = ("auto", "arena", "lean", "0")
-_tuned: set[str] = set()  # what is set in this process: "arena", "lean"
+_M_ARENA_MAX = -8  # glibc malloc.h
+ARENA_FACTOR = 2.5  # glibc's peak over the live set, with margin (measured 1.0-2.2 with one arena)
+MODES = ("auto", "trim", "0")
 
 
 def _mode() -> str:
     mode = os.environ.get("PTQKIT_MALLOC_TUNE", "auto").strip().lower()
     if mode not in MODES:
-        raise ValueError(f"PTQKIT_MALLOC_TUNE={mode!r}: use one of {MODES}")
+        raise ValueError(f"PTQKIT_MALLOC_TUNE={mode!r} is not valid: use one of {', '.join(MODES)}")
     return mode
 
 
-def _mallopt(param: int, value: int) -> bool:
+def _libc() -> Any:
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        return ctypes.CDLL("libc.so.6").mallopt(param, value) == 1
-    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
-        return False
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:  # not glibc (musl, ...): nothing to tune
+        return None
 
 
-def tune_malloc() -> bool:
-    """Limit glibc to one malloc arena (and, with ``PTQKIT_MALLOC_TUNE=lean``, fix the mmap threshold
-    at 1 MiB); returns whether the arena limit is in effect. ``import ptqkit`` calls it."""
-    mode = _mode()
-    if mode == "0":
-        return False
-    if "arena" not in _tuned and _mallopt(_M_ARENA_MAX, 1):
-        _tuned.add("arena")
-    if mode == "lean":
-        lean()
-    return "arena" in _tuned
+def tune_process() -> bool:
+    """One malloc arena for this process (the ``ptqkit`` command's own, before anything loads); returns
+    whether it took effect. Not for library code: glibc cannot undo it."""
+    libc = _libc()
+    return _mode() != "0" and libc is not None and libc.mallopt(_M_ARENA_MAX, 1) == 1
 
 
-def lean() -> bool:
-    """Fix glibc's mmap threshold at 1 MiB (large blocks go back to the kernel when freed)."""
-    if "lean" not in _tuned and _mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD):
-        _tuned.add("lean")
-        log.info("glibc malloc: fixed 1 MiB mmap threshold (lower peak, slower CPU forwards)")
-    return "lean" in _tuned
-
-
-def lean_if_needed(run_bytes: int | None, free_bytes: int) -> bool:
-    """``auto`` mode: go lean when one arena's peak (``ARENA_FACTOR`` x the estimated run) would not
-    fit in ``free_bytes``; ``run_bytes`` None (no estimate for this model) stays as it is."""
-    mode = _mode()
-    if mode == "lean":
-        return lean()
-    if mode != "auto" or run_bytes is None:
-        return "lean" in _tuned
-    if ARENA_FACTOR * run_bytes > free_bytes:
-        log.info("the run needs %.2f GiB (estimated), one malloc arena could take %.1fx that and %.2f GiB is "
-                 "free: fixing the mmap threshold", run_bytes / 2**30, ARENA_FACTOR, free_bytes / 2**30)
-        return lean()
-    return "lean" in _tuned
-
-
-def tuned() -> str:
-    """What is set in this process: ``""``, ``"arena"`` or ``"arena+lean"``."""
-    return "+".join(k for k in ("arena", "lean") if k in _tuned)
+def trim_barriers(run_bytes: int | None, free_bytes: int) -> Callable[[], None] | None:
+    """What the sequencer calls at each barrier: ``malloc_trim(0)`` when the run (``run_bytes``, estimated
+    live memory; ``None``: no estimate) would not fit ``ARENA_FACTOR`` times in ``free_bytes``, or when
+    ``PTQKIT_MALLOC_TUNE=trim``; ``None`` otherwise."""
+    mode, libc = _mode(), _libc()
+    if libc is None or mode == "0":
+        return None
+    if mode == "trim" or (run_bytes is not None and ARENA_FACTOR * run_bytes > free_bytes):
+        log.info("returning freed memory to the kernel at every barrier (malloc_trim): the run needs %.2f GiB "
+                 "(estimated), %.2f GiB is free", (run_bytes or 0) / 2**30, free_bytes / 2**30)
+        return lambda: libc.malloc_trim(0)
+    return None
 
 
 WeightsMaps = dict[nn.Module, Mapping[str, torch.Tensor]]

@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 from ..calibration.data import Source, load_eval_ids
+from ..checks import check_ids
+from ..estimate import peak_memory_mb
 from .perplexity import evaluate_windows
-from .report import Report, peak_memory_mb, versions
+from .report import Report, versions
 
 __all__ = ["Report", "evaluate", "evaluate_windows", "peak_memory_mb", "versions"]
 
@@ -41,17 +43,22 @@ def evaluate(
 ) -> Report:
     """Evaluate ``model`` on ``dataset`` (see ``load_eval_ids``), against ``baseline`` if given.
 
-    ``baseline`` is a model or a name/path for ``ptqkit.models.load_model``. Without one the report
+    ``baseline`` is a model or a name/path for ``ptqkit.load_model``. Without one the report
     has only ``ppl_q`` (the evaluated model's perplexity). ``method``, ``config``,
     ``calibration_fingerprint`` and quantization timings default to ``model.ptqkit_info``.
     """
     if isinstance(baseline, (str, os.PathLike)):
-        from ..models import load_model
+        from .. import formats, models
 
+        path = models.resolve_model_path(baseline)
+        if formats.detect(path) is not None:  # e.g. the model a checkpoint was made from was overwritten by it
+            raise ValueError(f"baseline {str(baseline)!r} is a quantized checkpoint: compare against the unquantized "
+                             "model (--baseline)")
         target = device if device is not None else next(model.parameters()).device
-        baseline, _ = load_model(baseline, dtype=torch.float32, device=target)
+        baseline, _ = models.load_model(baseline, dtype=torch.float32, device=target)
     info: dict[str, Any] = getattr(model, "ptqkit_info", None) or {}
     ids = load_eval_ids(dataset, tokenizer)
+    check_ids(ids, model, "evaluation")
     res = evaluate_windows(
         model, ids, seqlen=seqlen, baseline=baseline, max_windows=max_windows,
         device=device, dataset=_dataset_name(dataset),

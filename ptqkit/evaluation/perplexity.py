@@ -1,6 +1,6 @@
 """Perplexity, KL divergence from a baseline and top-1 agreement, in one pass over the windows.
 
-Protocol (DESIGN.md, "Evaluation protocol"): the token stream is cut into non-overlapping
+Protocol (docs/design.md, "Evaluation protocol"): the token stream is cut into non-overlapping
 windows of ``seqlen`` tokens (the ragged tail is dropped); each window is one forward pass with
 no context carried over; every position but the last predicts the next token, so a window
 scores ``seqlen - 1`` tokens. ppl = exp(mean NLL over all scored tokens). KL(baseline || model)
@@ -55,6 +55,46 @@ def max_context(model: nn.Module) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
+def _windows(model: nn.Module, ids_1d: torch.Tensor, seqlen: int, max_windows: int | None) -> tuple[int, int]:
+    """``(seqlen, windows)`` of the protocol for this model and token stream."""
+    if ids_1d.dim() != 1:
+        raise ValueError(f"evaluation ids must be 1-D [T], got shape {tuple(ids_1d.shape)}")
+    limit = max_context(model)
+    if limit is not None and limit < seqlen:
+        log.info("seqlen %d exceeds the model's maximum %d; using %d", seqlen, limit, limit)
+        seqlen = limit
+    if seqlen < 2:
+        raise ValueError(f"seqlen={seqlen} must be at least 2 (one token to predict)")
+    windows = ids_1d.numel() // seqlen
+    if windows == 0:
+        raise ValueError(f"evaluation text has {ids_1d.numel()} tokens, fewer than one window of seqlen={seqlen}")
+    return seqlen, windows if max_windows is None else min(windows, max_windows)
+
+
+def _score(logits_q: torch.Tensor, logits_fp: torch.Tensor | None, target: torch.Tensor,
+           sums: dict[str, float]) -> None:
+    """Add one window's NLL (and KL(fp ‖ q), top-1 agreement, the baseline's NLL) to ``sums``, in chunks."""
+    for name, lg in (("the model", logits_q), ("the baseline", logits_fp)):
+        if lg is not None and not torch.isfinite(lg).all():
+            raise FloatingPointError(f"{name} produced NaN/Inf logits: its perplexity, KL and top-1 would be "
+                                     "meaningless (a broken quantization, or fp16 overflow: evaluate in float32)")
+    if logits_fp is not None and logits_fp.shape[-1] != logits_q.shape[-1]:
+        raise ValueError(f"model and baseline vocabularies differ ({logits_q.shape[-1]} vs "
+                         f"{logits_fp.shape[-1]}): KL and top-1 need the same tokenizer")
+    n = target.numel()
+    for s in range(0, n, CHUNK):
+        e = min(s + CHUNK, n)
+        lq = F.log_softmax(logits_q[0, s:e].float(), dim=-1)  # [c, V]
+        sums["nll_q"] -= lq.gather(1, target[s:e, None]).sum().item()
+        if logits_fp is None:
+            continue
+        lfp = F.log_softmax(logits_fp[0, s:e].float().to(lq.device), dim=-1)  # [c, V]
+        sums["nll_fp"] -= lfp.gather(1, target[s:e, None]).sum().item()
+        # KL(fp || q) = sum_v p_fp (log p_fp - log p_q), summed over positions
+        sums["kl"] += F.kl_div(lq, lfp, log_target=True, reduction="sum").item()
+        sums["agree"] += (lq.argmax(-1) == lfp.argmax(-1)).sum().item()
+
+
 def evaluate_windows(
     model: nn.Module,
     ids_1d: torch.Tensor,
@@ -72,85 +112,39 @@ def evaluate_windows(
     seqlen, windows, tokens, scored tokens, dropped tail). ``device`` moves the models there;
     by default each runs where its parameters are.
     """
-    if ids_1d.dim() != 1:
-        raise ValueError(f"evaluation ids must be 1-D [T], got shape {tuple(ids_1d.shape)}")
-    limit = max_context(model)
-    if limit is not None and limit < seqlen:
-        log.info("seqlen %d exceeds the model's maximum %d; using %d", seqlen, limit, limit)
-        seqlen = limit
-    if seqlen < 2:
-        raise ValueError(f"seqlen={seqlen} must be at least 2 (one token to predict)")
-    total = ids_1d.numel()
-    windows = total // seqlen
-    if windows == 0:
-        raise ValueError(f"evaluation text has {total} tokens, fewer than one window of seqlen={seqlen}")
-    if max_windows is not None:
-        windows = min(windows, max_windows)
-    if device is not None:
-        model.to(device)
-        if baseline is not None:
-            baseline.to(device)
-
+    seqlen, windows = _windows(model, ids_1d, seqlen, max_windows)
     models = [model] if baseline is None else [model, baseline]
     was_training = [m.training for m in models]
     for m in models:
+        if device is not None:
+            m.to(device)
         m.eval()
-    nll_q = nll_fp = kl = 0.0
-    agree = 0
-    time_q = time_fp = 0.0
+    sums = {"nll_q": 0.0, "nll_fp": 0.0, "kl": 0.0, "agree": 0, "time_q": 0.0, "time_fp": 0.0}
     ids = ids_1d[: windows * seqlen].to(torch.long).view(windows, seqlen)  # [T'] -> [W, L]
     try:
         with torch.inference_mode():
             for w in tqdm(range(windows), desc="eval", unit="window", disable=not progress):
                 x = ids[w : w + 1]  # [1, L]
                 logits_q, dt = _timed_logits(model, x)
-                time_q += dt
+                sums["time_q"] += dt
                 logits_fp = None
                 if baseline is not None:
                     logits_fp, dt = _timed_logits(baseline, x)
-                    time_fp += dt
-                    if logits_fp.shape[-1] != logits_q.shape[-1]:
-                        raise ValueError(
-                            f"model and baseline vocabularies differ ({logits_q.shape[-1]} vs "
-                            f"{logits_fp.shape[-1]}): KL and top-1 need the same tokenizer"
-                        )
-                target = x[0, 1:].to(logits_q.device)  # [L-1]
-                for s in range(0, seqlen - 1, CHUNK):
-                    e = min(s + CHUNK, seqlen - 1)
-                    lq = F.log_softmax(logits_q[0, s:e].float(), dim=-1)  # [c, V]
-                    nll_q -= lq.gather(1, target[s:e, None]).sum().item()
-                    if logits_fp is None:
-                        continue
-                    lfp = F.log_softmax(logits_fp[0, s:e].float().to(lq.device), dim=-1)  # [c, V]
-                    nll_fp -= lfp.gather(1, target[s:e, None]).sum().item()
-                    # KL(fp || q) = sum_v p_fp (log p_fp - log p_q), summed over positions
-                    kl += F.kl_div(lq, lfp, log_target=True, reduction="sum").item()
-                    agree += (lq.argmax(-1) == lfp.argmax(-1)).sum().item()
+                    sums["time_fp"] += dt
+                _score(logits_q, logits_fp, x[0, 1:].to(logits_q.device), sums)
     finally:
         for m, mode in zip(models, was_training):
             m.train(mode)
-
     scored = windows * (seqlen - 1)
     result: dict[str, Any] = {
-        "ppl": _safe_exp(nll_q / scored),
-        "nll": nll_q / scored,
-        "ppl_fp": None,
-        "kl": None,
-        "top1": None,
-        "timings": {"eval_model_s": time_q},
-        "protocol": {
-            "dataset": dataset,
-            "seqlen": seqlen,
-            "windows": windows,
-            "tokens": windows * seqlen,
-            "scored_tokens": scored,
-            "dropped_tokens": total - windows * seqlen,
-            "stride": seqlen,
-        },
+        "ppl": _safe_exp(sums["nll_q"] / scored), "nll": sums["nll_q"] / scored, "ppl_fp": None, "kl": None,
+        "top1": None, "timings": {"eval_model_s": sums["time_q"]},
+        "protocol": {"dataset": dataset, "seqlen": seqlen, "windows": windows, "tokens": windows * seqlen,
+                     "scored_tokens": scored, "dropped_tokens": ids_1d.numel() - windows * seqlen, "stride": seqlen},
     }
     if baseline is not None:
-        result["ppl_fp"] = _safe_exp(nll_fp / scored)
-        result["kl"] = max(kl / scored, 0.0)  # rounding can leave a tiny negative sum
-        result["top1"] = agree / scored
-        result["timings"]["eval_baseline_s"] = time_fp
+        result["ppl_fp"] = _safe_exp(sums["nll_fp"] / scored)
+        result["kl"] = max(sums["kl"] / scored, 0.0)  # rounding can leave a tiny negative sum
+        result["top1"] = sums["agree"] / scored
+        result["timings"]["eval_baseline_s"] = sums["time_fp"]
     return result

@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..files import atomic_file
+
 MARKERS = "osD^vP*Xh<>"
 LINESTYLES = ("-", "--", ":", "-.")
 
@@ -25,12 +27,9 @@ def _figure(width: float = 6.4, height: float = 4.4) -> Any:
 
 def _save(fig: Any, path: str | os.PathLike) -> Path:
     """Write the figure atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)
 
 
 def _group_name(g: int) -> str:

@@ -4,24 +4,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
-import sys
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import torch
 
-
-def peak_memory_mb() -> dict[str, float]:
-    """Peak host RSS (``ru_maxrss``) and, when CUDA is in use, peak CUDA allocation, in MiB."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    out = {"host_rss": rss / (1024**2 if sys.platform == "darwin" else 1024)}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda_allocated"] = torch.cuda.max_memory_allocated() / 1024**2
-    return out
+from ..files import write_text
 
 
 def _version(dist: str) -> str | None:
@@ -82,18 +71,7 @@ class Report:
         """The report as JSON; with ``path``, also written atomically (temp file, then rename)."""
         text = json.dumps(self.to_dict(), indent=2, default=str)
         if path is not None:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(text + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            write_text(path, text + "\n")
         return text
 
     def to_markdown(self) -> str:

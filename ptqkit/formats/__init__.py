@@ -24,6 +24,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..files import check_output
+from ..layers import QuantLinear, QuantLinearW8A8
 from .awq import is_awq, load_awq, save_awq
 from .common import REPORT_FILE
 from .compressed_tensors import is_compressed_tensors, load_compressed_tensors, save_compressed_tensors
@@ -48,13 +50,45 @@ __all__ = ["LOADERS", "REPORT_FILE", "SAVERS", "detect", "load", "save"]
 
 
 def save(model: nn.Module, path: str | os.PathLike, format: str = "native", tokenizer: Any = None,
-         report: Any = None, **kw: Any) -> Path:
+         report: Any = None, overwrite: bool = False, **kw: Any) -> Path:
     """Write ``model`` to ``path`` in ``format`` (see the table above); ``report`` (an evaluation
-    Report or a dict) goes into ``ptqkit_report.json`` with the recipe and calibration fingerprint."""
+    Report or a dict) goes into ``ptqkit_report.json`` with the recipe and calibration fingerprint.
+    An existing ``path`` is replaced only with ``overwrite=True`` and only when it holds a ptqkit output
+    (:func:`ptqkit.files.check_output`)."""
     fmt = _ALIASES.get(format, format)
     if fmt not in SAVERS:
         raise ValueError(f"unknown format {format!r}: choose one of {sorted(SAVERS)}")
+    check_output(path, overwrite, source_dirs(model), "checkpoint path")
     return SAVERS[fmt](model, path, tokenizer=tokenizer, report=report, **kw)
+
+
+def check_plan(format: str, qcfg: Any, shapes: dict[str, tuple[int, int]]) -> None:
+    """Refuse, before anything is quantized, a scheme ``format`` cannot hold: the format's own per-layer
+    checks run on empty layers of the planned grid (``qcfg``: the quantizer's config) and ``shapes``
+    (``name -> (in_features, out_features)``)."""
+    from . import awq, compressed_tensors, gptq
+
+    fmt = _ALIASES.get(format, format)
+    checks = {"gptq": lambda n, m: gptq.check_layer(n, m, getattr(m, "bits", 8), getattr(m, "group_size", -1), "gptq"),
+              "awq": lambda n, m: awq.check_layer(n, m, getattr(m, "group_size", -1)),
+              "compressed-tensors": compressed_tensors.layer_scheme}
+    if fmt not in checks:
+        return
+    perm = getattr(qcfg, "act_order", False) and not getattr(qcfg, "static_groups", True)
+    for name, (k, n) in shapes.items():
+        if qcfg.activations is not None:
+            layer: nn.Module = QuantLinearW8A8(k, n, device="meta")
+        else:
+            layer = QuantLinear(k, n, qcfg.bits, qcfg.group_size, act_order=perm)
+            layer.zeros.fill_(0 if not qcfg.sym else 2 ** (qcfg.bits - 1))  # asymmetric grids can have 0
+        checks[fmt](name, layer)
+
+
+def source_dirs(model: nn.Module) -> list[str]:
+    """Local directories the model was loaded from (a checkpoint must never be written over them)."""
+    names = [getattr(getattr(model, "config", None), "_name_or_path", None),
+             (getattr(model, "ptqkit_info", None) or {}).get("source_dir")]
+    return [n for n in names if isinstance(n, str) and n and Path(n).is_dir()]
 
 
 def detect(path: str | os.PathLike) -> str | None:

@@ -1,4 +1,4 @@
-"""What every checkpoint format shares: atomic directories, sharded safetensors with an index,
+"""What every checkpoint format shares: one atomic write, sharded safetensors with an index,
 the files that travel with a model (config, generation config, tokenizer, ``ptqkit_report.json``)
 and rebuilding an empty model from a checkpoint's ``config.json``."""
 from __future__ import annotations
@@ -6,19 +6,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from ..files import atomic_dir, read_json
 from ..layers import QuantLinear, QuantLinearW8A8
-from ..models import set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -26,109 +22,45 @@ SAFE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 REPORT_FILE = "ptqkit_report.json"
 DEFAULT_SHARD_SIZE = "5GB"
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-# ---------------------------------------------------------------- atomic writes
-def atomic_dir(path: str | os.PathLike) -> tuple[Path, Path]:
-    """A fresh temporary directory beside ``path``; :func:`commit_dir` renames it into place."""
-    final = Path(path).resolve()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent)), final
-
-
-def commit_dir(tmp: Path, final: Path) -> None:
-    """Replace ``final`` by ``tmp``: the old content stays until the new one is complete."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-@contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
-    """``with atomic_write(path) as tmp:`` write into ``tmp``; it becomes ``path`` only on success."""
-    tmp, final = atomic_dir(path)
-    try:
-        yield tmp
-        commit_dir(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- sharded safetensors
-def parse_size(size: int | str) -> int:
-    """``"5GB"``, ``"500MiB"`` or a byte count -> bytes."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        n = size
-    else:
-        m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(size))
-        if m is None or m.group(2).upper() not in _UNITS:
-            raise ValueError(f"max_shard_size={size!r} is not a size: use bytes (int) or e.g. '5GB', '500MB', '2GiB'")
-        n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    if n <= 0:
-        raise ValueError(f"max_shard_size={size!r} must be positive")
-    return n
-
-
-def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
-    """Greedy split of tensor names (in order) into shards of at most ``max_bytes``
-    (a tensor larger than that gets a shard of its own)."""
-    shards: list[list[str]] = [[]]
-    used = 0
-    for name, n in sizes.items():
-        if shards[-1] and used + n > max_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(name)
-        used += n
-    return shards
-
-
 def save_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_size: int | str = DEFAULT_SHARD_SIZE,
-                 metadata: dict[str, str] | None = None) -> list[str]:
-    """Write ``tensors`` as ``model.safetensors``, or as ``model-0000i-of-0000n.safetensors`` shards
-    plus ``model.safetensors.index.json`` (the Hugging Face layout) when over ``max_shard_size``."""
-    from safetensors.torch import save_file
+                 metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` as ``model.safetensors``, or as ``model-0000i-of-0000n.safetensors`` shards plus
+    ``model.safetensors.index.json`` (the Hugging Face layout) when over ``max_shard_size``."""
+    from huggingface_hub import save_torch_state_dict
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    sizes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
-    shards = plan_shards(sizes, parse_size(max_shard_size))
-    meta = {"format": "pt", **(metadata or {})}
-    if len(shards) == 1:
-        save_file(tensors, str(directory / SAFE_FILE), metadata=meta)
-        return [SAFE_FILE]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for fname, keys in zip(names, shards):
-        save_file({k: tensors[k] for k in keys}, str(directory / fname), metadata=meta)
-        weight_map.update({k: fname for k in keys})
-    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
-    log.info("wrote %d shards (%d tensors, %.1f MB)", len(names), len(tensors), sum(sizes.values()) / 1e6)
-    return names
+    save_torch_state_dict({k: v.detach().cpu() for k, v in tensors.items()}, directory,
+                          max_shard_size=max_shard_size, metadata={"format": "pt", **(metadata or {})})
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.parent}: {path.name} is missing (named in {INDEX_FILE})")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): the checkpoint is damaged or "
+                         "truncated; write it again") from None
 
 
 def load_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of ``model.safetensors`` or of the shards named in its index."""
-    from safetensors.torch import load_file
-
     d = Path(directory)
     if (d / INDEX_FILE).is_file():
-        weight_map = json.loads((d / INDEX_FILE).read_text())["weight_map"]
+        index = read_json(d / INDEX_FILE)
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise ValueError(f"{d / INDEX_FILE} has no weight_map: the checkpoint index is damaged")
         out: dict[str, torch.Tensor] = {}
-        for fname in sorted(set(weight_map.values())):
-            if not (d / fname).is_file():
-                raise FileNotFoundError(f"{d}: shard {fname} named in {INDEX_FILE} is missing")
-            out.update(load_file(str(d / fname)))
+        for fname in sorted(set(index["weight_map"].values())):
+            out.update(_load_file(d / fname))
         return out
     if (d / SAFE_FILE).is_file():
-        return load_file(str(d / SAFE_FILE))
+        return _load_file(d / SAFE_FILE)
     raise FileNotFoundError(f"{d} holds neither {SAFE_FILE} nor {INDEX_FILE}")
 
 
@@ -207,7 +139,7 @@ def write_checkpoint(path: str | os.PathLike, model: nn.Module, tensors: dict[st
                      extra: Callable[[Path], None] | None = None) -> Path:
     """A whole checkpoint in one atomic write: :func:`write_model_files`, then ``extra(tmp)`` (the
     format's own files), then ``tensors`` (sharded over ``max_shard_size``); returns the final path."""
-    with atomic_write(path) as tmp:
+    with atomic_dir(path) as tmp:
         write_model_files(tmp, model, tokenizer, fmt=fmt, report=report, quantization_config=quantization_config,
                           dtype=dtype)
         if extra is not None:
@@ -245,18 +177,11 @@ def read_info(directory: Path) -> dict[str, Any]:
     f = directory / REPORT_FILE
     if not f.is_file():
         return {}
-    data = json.loads(f.read_text())
+    data = read_json(f)
     if "quantization" in data:
         return dict(data["quantization"] or {})
     # a bare evaluation Report written over the file: keep what it says about the quantization
     return {k: data[k] for k in ("method", "config", "calibration_fingerprint") if data.get(k) is not None}
-
-
-def read_config_json(directory: Path) -> dict[str, Any]:
-    f = directory / "config.json"
-    if not f.is_file():
-        raise FileNotFoundError(f"{directory} has no config.json: not a model checkpoint directory")
-    return json.loads(f.read_text())
 
 
 def quantization_config(directory: Path) -> dict[str, Any] | None:
@@ -264,7 +189,8 @@ def quantization_config(directory: Path) -> dict[str, Any] | None:
     f = directory / "config.json"
     if not f.is_file():
         return None
-    return json.loads(f.read_text()).get("quantization_config")
+    config = read_json(f)
+    return config.get("quantization_config") if isinstance(config, dict) else None
 
 
 def empty_model(directory: Path, dtype: torch.dtype | None, tensors: dict[str, torch.Tensor]) -> nn.Module:
@@ -292,7 +218,10 @@ def finish_load(model: nn.Module, state: dict[str, torch.Tensor], directory: Pat
     """Load the remaining (float) tensors strictly, tie embeddings, attach ``ptqkit_info``."""
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape: name it
+        raise ValueError(f"{directory}: checkpoint does not match its config.json: {str(e).splitlines()[-1].strip()}") from None
     done = tuple(n + "." for n in quant_layers(model))          # filled by the format's loader
     missing = {k for k in missing if not k.startswith(done)}
     if getattr(model.config, "tie_word_embeddings", False):
@@ -380,4 +309,4 @@ def put_layer(model: nn.Module, name: str, layer: nn.Module, path: Path) -> None
     if (layer.in_features, layer.out_features) != (lin.in_features, lin.out_features):
         raise ValueError(f"{path}: layer {name} holds a {layer.in_features}x{layer.out_features} weight, "
                          f"the model config expects {lin.in_features}x{lin.out_features}")
-    set_submodule(model, name, layer)
+    model.set_submodule(name, layer)

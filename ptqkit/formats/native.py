@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..layers import QuantLinear, QuantLinearW8A8
-from ..models import set_submodule
+from ..files import read_json
 from .common import DEFAULT_SHARD_SIZE, finish_load, start_load, unique_state_dict, write_checkpoint
 
 QUANT_FILE = "ptqkit_quant.json"
@@ -66,17 +66,27 @@ def load_native(path: str | os.PathLike, device: str | torch.device = "cpu",
     qfile = path / QUANT_FILE
     if not qfile.is_file():
         raise FileNotFoundError(f"{path} is not a ptqkit checkpoint (no {QUANT_FILE})")
-    meta = json.loads(qfile.read_text())
+    meta = read_json(qfile)
+    if not isinstance(meta, dict) or not isinstance(meta.get("layers"), dict):
+        raise ValueError(f"{qfile} has no 'layers' mapping: the checkpoint's index of quantized layers is damaged")
     if meta.get("version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path} was written by a newer ptqkit (format {meta['version']}); upgrade ptqkit")
     state, model, dtype = start_load(path, dtype)
     for name, spec in meta["layers"].items():
-        layer = empty_quant_layer(spec, dtype)
+        try:
+            layer = empty_quant_layer(spec, dtype)
+            model.get_submodule(name)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: layer {name} in {QUANT_FILE} is not one the model has or its spec is "
+                             f"incomplete ({type(e).__name__}: {e})") from None
         prefix = name + "."
         own = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
-        missing, unexpected = layer.load_state_dict(own, strict=False)
+        try:
+            missing, unexpected = layer.load_state_dict(own, strict=False)
+        except RuntimeError as e:
+            raise ValueError(f"{path}: layer {name}: {str(e).splitlines()[-1].strip()}") from None
         if missing or unexpected:
             raise ValueError(f"{path}: layer {name} does not match its spec "
                              f"(missing {missing}, unexpected {unexpected})")
-        set_submodule(model, name, layer)
+        model.set_submodule(name, layer)
     return finish_load(model, state, path, device, meta.get("info", {}))

@@ -5,13 +5,14 @@
 - :mod:`.run`: ``run_job`` / ``run_batch`` (atomic outputs, finished jobs skipped, failures recorded);
 - :mod:`.compare`: ``compare`` (``ptqkit compare``) and its ``results.json`` / ``results.md`` / plots.
 """
-from .compare import (PLOT_BITS, PLOT_SIZE, RESULTS_JSON, RESULTS_MD, CachedBaseline, Combination, compare, parse_method,
-                      plan, split_methods)
-from .run import JOB_FILE, JobResult, PeakMemory, run_batch, run_job, summary_line
+from ..estimate import PeakMemory
+from .compare import (PLOT_BITS, PLOT_SIZE, RESULTS_JSON, RESULTS_MD, CachedBaseline, Combination, compare,
+                      parse_method, plan, split_methods)
+from .run import JOB_FILE, JobResult, run_batch, run_job, summary_line
 from .spec import (CalibrationSpec, EvaluationSpec, JobSpec, OutputSpec, SpecError, load_jobs, parse_options,
-                   recipe_steps, validate_job)
+                   recipe_steps)
 
-__all__ = ["CachedBaseline", "CalibrationSpec", "Combination", "EvaluationSpec", "JOB_FILE", "JobResult", "JobSpec",
-           "OutputSpec", "PLOT_BITS", "PLOT_SIZE", "PeakMemory", "RESULTS_JSON", "RESULTS_MD", "SpecError", "compare",
-           "load_jobs", "parse_method", "parse_options", "plan", "recipe_steps", "run_batch", "run_job", "split_methods",
-           "summary_line", "validate_job"]
+__all__ = ["JOB_FILE", "PLOT_BITS", "PLOT_SIZE", "RESULTS_JSON", "RESULTS_MD", "CachedBaseline", "CalibrationSpec",
+           "Combination", "EvaluationSpec", "JobResult", "JobSpec", "OutputSpec", "PeakMemory", "SpecError", "compare",
+           "load_jobs", "parse_method", "parse_options", "plan", "recipe_steps", "run_batch", "run_job",
+           "split_methods", "summary_line"]

@@ -24,14 +24,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import api, models
+from .. import api
 from .. import evaluation as _evaluation
 from ..calibration.data import load_calibration, load_eval_ids
 from ..config import build_recipe
+from ..estimate import PeakMemory
 from ..evaluation.plots import plot_ppl_by_bits, plot_size_vs_ppl
-from ..formats.common import atomic_write
+from ..files import atomic_dir, atomic_file, read_json, write_json, write_text
 from ..models import DEFAULT_MODEL
-from .run import PeakMemory, _clean_stale, _digest, _read_json, _row, _write_json, summary_line
+from .run import _digest, _row, summary_line
 from .spec import CalibrationSpec, EvaluationSpec, SpecError, parse_options, recipe_steps
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 PLOT_BITS, PLOT_SIZE = "ppl_by_bits.png", "size_vs_ppl.png"
 GRID_OPTIONS = ("bits", "group_size")  # set by the comparison's grid, not per method
+CACHE_DIR = ".ptqkit-cache"  # the unquantized logits, under a name only ptqkit uses
 
 
 # ----------------------------------------------------------------------------- method specs
@@ -60,7 +62,8 @@ def split_methods(text: str) -> list[str]:
 
 def _options_text(options: dict[str, Any] | None, sep: str = ",") -> str:
     """``act_order=false,damp=0.1``: booleans and null as typed on the command line."""
-    return sep.join(f"{k}={json.dumps(v) if isinstance(v, bool) or v is None else v}" for k, v in (options or {}).items())
+    text = (f"{k}={json.dumps(v) if isinstance(v, bool) or v is None else v}" for k, v in (options or {}).items())
+    return sep.join(text)
 
 
 def parse_method(spec: str) -> tuple[str, str, dict[str, Any]]:
@@ -158,10 +161,8 @@ class CachedBaseline(nn.Module):
             return load_file(str(path))["logits"].to(input_ids.device)
         out = self.model(input_ids, **kwargs)
         logits = out if isinstance(out, torch.Tensor) else out.logits if hasattr(out, "logits") else out[0]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({"logits": logits.detach().float().cpu().contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file({"logits": logits.detach().float().cpu().contiguous()}, str(tmp))
         return logits
 
 
@@ -192,7 +193,6 @@ class _Setup:
 
 def _run_combination(s: _Setup, c: Combination, out: Path, save_format: str | None) -> dict[str, Any]:
     """Quantize a copy of the fp model, evaluate it against the cached baseline, write ``runs/<label>``."""
-    _clean_stale(out)
     q = copy.deepcopy(s.fp)
     with PeakMemory() as mem:
         t = time.perf_counter()
@@ -203,11 +203,48 @@ def _run_combination(s: _Setup, c: Combination, out: Path, save_format: str | No
     rep = s.evaluate(q, baseline=s.baseline)
     # per-block wall times and per-layer facts (damp, α, outlier ratios, ...) go with each run
     rep.extra.update(blocks=q.ptqkit_info.get("blocks", []), layers=q.ptqkit_info.get("layers", {}))
-    with atomic_write(out) as tmp:
+    with atomic_dir(out) as tmp:
         if save_format:
             api.save(q, tmp, format=save_format, tokenizer=s.tok, report=rep)
         rep.to_json(tmp / "report.json")
     return _row(rep, q, quant_s, mem)
+
+
+def _previous(out: Path) -> dict[str, Any]:
+    """``results.json`` of an earlier comparison in ``out`` (a rerun skips its finished combinations); a
+    ``results.json`` that is not ptqkit's, or an ``out`` that is the current directory, is refused."""
+    cwd = Path.cwd().resolve()
+    if out.resolve() == cwd or out.resolve() in cwd.parents:
+        raise ValueError(f"--output {out} is the current directory or one above it: give a directory of its own")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} is an existing file: give a directory path")
+    results = read_json(out / RESULTS_JSON) or {}
+    if not isinstance(results, dict) or (results and not {"runs", "baselines"} <= set(results)):
+        raise ValueError(f"{out / RESULTS_JSON} exists and is not a ptqkit comparison: use another --output")
+    if not results and out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"--output {out} holds other files and no earlier comparison: use a new directory")
+    results.setdefault("runs", {})
+    results.setdefault("baselines", {})
+    return results
+
+
+def _run_one(s: _Setup, c: Combination, key: str, results: dict[str, Any], out: Path, save_format: str | None,
+             force: bool) -> None:
+    """One combination (skipped when done), its row recorded in ``results.json`` at once."""
+    prev = results["runs"].get(key)
+    if prev and prev.get("status") == "done" and not force:
+        log.info("%s", summary_line(c.label, {**prev, "status": "skipped: already done"}))
+        return
+    meta = {"label": c.label, "method": c.method, "recipe": c.recipe, "method_options": c.method_options,
+            "bits": c.bits, "group_size": c.group_size, "options": c.options}
+    try:
+        row = {**meta, **_run_combination(s, c, out / "runs" / c.label, save_format)}
+    except Exception as e:  # noqa: BLE001  (a failed combination is recorded; the others go on)
+        log.debug("%s failed", c.label, exc_info=True)
+        row = {**meta, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+    results["runs"][key] = row
+    write_json(out / RESULTS_JSON, results)  # after every combination: a rerun skips it
+    (log.error if row["status"] == "failed" else log.info)("%s", summary_line(c.label, row))
 
 
 def compare(model: str | tuple[nn.Module, Any] = DEFAULT_MODEL, methods: Sequence[str] = ("rtn",),
@@ -230,15 +267,13 @@ def compare(model: str | tuple[nn.Module, Any] = DEFAULT_MODEL, methods: Sequenc
     cal, ev = calibration or CalibrationSpec(), evaluation or EvaluationSpec()
     combos = plan(methods, bits, group_sizes, options)  # every combination validated before the model loads
     out = Path(output)
-    results = _read_json(out / RESULTS_JSON) or {}
-    results.setdefault("runs", {})
-    results.setdefault("baselines", {})
-    fp, tok = models.load_model(model) if isinstance(model, (str, os.PathLike)) else model
+    results = _previous(out)
+    fp, tok = api.load_model(model) if isinstance(model, (str, os.PathLike)) else model
     model = str(model) if isinstance(model, (str, os.PathLike)) else fp.config._name_or_path or type(fp).__name__
     calib = load_calibration(cal.source, tok, num_samples=cal.num_samples, seqlen=cal.seqlen, seed=cal.seed)
     bkey = _digest([model, _weights_digest(fp), dataclasses.asdict(ev)])
     s = _Setup(model, fp, tok, calib, load_eval_ids(ev.dataset, tok), ev,
-               CachedBaseline(fp, out / ".cache" / f"fp-logits-{bkey}"),
+               CachedBaseline(fp, out / CACHE_DIR / f"fp-logits-{bkey}"),
                dict(seed=cal.seed, ignore=ignore, device=device, batch_size=batch_size, pipeline=pipeline))
     if bkey not in results["baselines"] or force:
         t = time.perf_counter()
@@ -249,39 +284,23 @@ def compare(model: str | tuple[nn.Module, Any] = DEFAULT_MODEL, methods: Sequenc
     results.update(model=model, baseline=bkey, versions=_evaluation.versions(), evaluation=dataclasses.asdict(ev),
                    calibration={**dataclasses.asdict(cal), "fingerprint": calib.fingerprint,
                                 "description": calib.source},
-                   settings={"options": options or {}, "ignore": ignore, "pipeline": pipeline, "batch_size": batch_size})
+                   settings={"options": options or {}, "ignore": ignore, "pipeline": pipeline,
+                             "batch_size": batch_size})
     keys = [_digest([model, c.method, c.options, calib.fingerprint, bkey, ignore, pipeline]) for c in combos]
     results["current"] = keys  # this run's combinations (results.json keeps older ones too)
-    _write_json(out / RESULTS_JSON, results)
+    write_json(out / RESULTS_JSON, results)
     for c, key in tqdm(list(zip(combos, keys)), desc="compare", unit="run"):
-        prev = results["runs"].get(key)
-        if prev and prev.get("status") == "done" and not force:
-            log.info("%s", summary_line(c.label, {**prev, "status": "skipped: already done"}))
-            continue
-        meta = {"label": c.label, "method": c.method, "recipe": c.recipe, "method_options": c.method_options,
-                "bits": c.bits, "group_size": c.group_size, "options": c.options}
-        try:
-            row = {**meta, **_run_combination(s, c, out / "runs" / c.label, save_format)}
-        except Exception as e:  # noqa: BLE001  (a failed combination is recorded; the others go on)
-            log.debug("%s failed", c.label, exc_info=True)
-            row = {**meta, "status": "failed", "error": f"{type(e).__name__}: {e}"}
-        results["runs"][key] = row
-        _write_json(out / RESULTS_JSON, results)  # after every combination: a rerun skips it
-        (log.error if row["status"] == "failed" else log.info)("%s", summary_line(c.label, row))
+        _run_one(s, c, key, results, out, save_format, force)
     rows = [results["runs"][k] for k in keys]
-    _write_text(out / RESULTS_MD, results_markdown(results, rows))
+    write_text(out / RESULTS_MD, results_markdown(results, rows))
     done = [r for r in rows if r["status"] == "done"]
     plot_ppl_by_bits(done, base["ppl"], out / PLOT_BITS)
     plot_size_vs_ppl(done, base["ppl"], base["size_mb"], out / PLOT_SIZE)
-    if len(done) == len(rows) and not keep_cache:
-        shutil.rmtree(out / ".cache", ignore_errors=True)
+    if len(done) == len(rows) and not keep_cache:  # only the cache this run owns: its own name, its own key
+        shutil.rmtree(out / CACHE_DIR / f"fp-logits-{bkey}", ignore_errors=True)
+        if (out / CACHE_DIR).is_dir() and not any((out / CACHE_DIR).iterdir()):
+            (out / CACHE_DIR).rmdir()
     return results
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def results_markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:

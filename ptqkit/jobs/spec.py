@@ -1,21 +1,26 @@
-"""Job and batch files: schema dataclasses, YAML with line numbers, validation before any model loads.
+"""Job and batch files: schema (pydantic dataclasses), YAML with line numbers, validation before any
+model loads.
 
 A job file (``ptqkit run job.yaml``) is one mapping of :class:`JobSpec` fields; a batch file
 (``ptqkit batch jobs.yaml``) is ``{defaults: {...}, jobs: [...]}`` (or a plain list of jobs), each
-job inheriting ``defaults`` (sections such as ``calibration`` merge key by key). Every problem is
-reported at once as ``file:line: message`` (line numbers from ``yaml.compose``'s node marks).
+job inheriting ``defaults`` (sections such as ``calibration`` merge key by key). Types are checked
+strictly by pydantic; every problem is reported at once as ``file:line: message`` (line numbers from
+``yaml.compose``'s node marks).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
 from yaml.nodes import MappingNode, Node, SequenceNode
 
 from ..calibration.runner import PIPELINES
@@ -24,10 +29,11 @@ from ..formats import SAVERS
 from ..models import DEFAULT_MODEL
 
 HUB_SOURCES = ("builtin", "wikitext2", "c4", "pile-val")
+_STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 # ----------------------------------------------------------------------------- schema
-@dataclass
+@dataclass(config=_STRICT)
 class CalibrationSpec:
     """Calibration windows (``ptqkit.calibration.data.load_calibration``)."""
 
@@ -37,7 +43,7 @@ class CalibrationSpec:
     seed: int = 0
 
 
-@dataclass
+@dataclass(config=_STRICT)
 class EvaluationSpec:
     """Evaluation protocol (``ptqkit.evaluate``): non-overlapping windows of ``seqlen`` tokens."""
 
@@ -46,7 +52,7 @@ class EvaluationSpec:
     max_windows: Optional[int] = None
 
 
-@dataclass
+@dataclass(config=_STRICT)
 class OutputSpec:
     """Where the job writes (default ``ptqkit-out/<name>``) and the checkpoint format (null: report only)."""
 
@@ -54,7 +60,7 @@ class OutputSpec:
     format: Optional[str] = "native"
 
 
-@dataclass
+@dataclass(config=_STRICT)
 class JobSpec:
     """One job: model, calibration, recipe steps (+ options routed to them), evaluation, output."""
 
@@ -101,40 +107,30 @@ def _line(node: Node) -> int:
     return node.start_mark.line + 1
 
 
-def _index_lines(node: Node, prefix: str, lines: dict[str, int]) -> None:
-    """Record the line of ``node`` and of everything under it as ``a.b[2].c`` paths."""
+def _index_lines(node: Node, prefix: str, lines: dict[str, int], file: str, problems: list[str]) -> None:
+    """Record the line of ``node`` and of everything under it as ``a.b[2].c`` paths; duplicate keys are problems."""
     lines.setdefault(prefix, _line(node))
     if isinstance(node, MappingNode):
+        seen: dict[Any, int] = {}
         for k, v in node.value:
-            lines.setdefault(f"{prefix}.{_value(k)}".lstrip("."), _line(k))
-            _index_lines(v, f"{prefix}.{_value(k)}".lstrip("."), lines)
+            key = _value(k)
+            if key in seen:
+                problems.append(f"{file}:{_line(k)}: duplicate field {key!r} (first at line {seen[key]})")
+            seen.setdefault(key, _line(k))
+            path = f"{prefix}.{key}".lstrip(".")
+            lines.setdefault(path, _line(k))
+            _index_lines(v, path, lines, file, problems)
     elif isinstance(node, SequenceNode):
         for i, v in enumerate(node.value):
-            _index_lines(v, f"{prefix}[{i}]", lines)
+            _index_lines(v, f"{prefix}[{i}]", lines, file, problems)
 
 
-def _items(node: MappingNode, file: str, problems: list[str]) -> dict[str, tuple[Node, Node]]:
-    out: dict[str, tuple[Node, Node]] = {}
-    for k, v in node.value:
-        key = _value(k)
-        if key in out:
-            problems.append(f"{file}:{_line(k)}: duplicate field {key!r} (first at line {_line(out[key][0])})")
-        out[key] = (k, v)
-    return out
+def _fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)]
 
 
-def _conforms(value: Any, hint: Any) -> bool:
-    if get_origin(hint) is Union or type(hint).__name__ == "UnionType":
-        return any(_conforms(value, a) for a in get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint in (int, float) and isinstance(value, bool):
-        return False
-    if dataclasses.is_dataclass(hint):
-        return isinstance(value, dict)
-    if get_origin(hint) is list and get_args(hint):
-        return isinstance(value, list) and all(_conforms(v, get_args(hint)[0]) for v in value)
-    return isinstance(value, get_origin(hint) or hint)
+def _section(hint: Any) -> type | None:
+    return next((a for a in (hint, *get_args(hint)) if dataclasses.is_dataclass(a)), None)
 
 
 def _type_name(hint: Any) -> str:
@@ -147,40 +143,50 @@ def _type_name(hint: Any) -> str:
         hint, f"a {getattr(hint, '__name__', hint)} mapping")
 
 
-def _section(hint: Any) -> type | None:
-    return next((a for a in (hint, *get_args(hint)) if dataclasses.is_dataclass(a)), None)
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """A job's fields over the defaults': sections (mappings) and ``options`` merge key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
-def _fill(cls: type, nodes: list[MappingNode], file: str, problems: list[str], prefix: str = "") -> Any:
-    """An instance of dataclass ``cls`` from mapping nodes (later ones override), type-checked."""
-    hints = get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)]
-    merged: dict[str, list[tuple[Node, Node]]] = {}
-    for node in nodes:
-        for key, kv in _items(node, file, problems).items():
-            merged.setdefault(key, []).append(kv)
-    kw: dict[str, Any] = {}
-    for key, kvs in merged.items():
-        knode, vnode = kvs[-1]
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            problems.append(f"{file}:{_line(knode)}: unknown field '{prefix}{key}': {hint}valid fields: {known}")
-            continue
-        sub, maps = _section(hints[key]), [v for _, v in kvs if isinstance(v, MappingNode)]
-        if sub is not None and isinstance(vnode, MappingNode):
-            kw[key] = _fill(sub, maps, file, problems, f"{prefix}{key}.")
-            continue
-        value = _value(vnode)
-        if key == "options" and isinstance(vnode, MappingNode):
-            value = {k: v for m in maps for k, v in _value(m).items()}  # defaults' options, then the job's
-        if sub is not None and value is False and type(None) in get_args(hints[key]):
-            value = None  # ``evaluation: false``
-        if not _conforms(value, hints[key]):
-            problems.append(f"{file}:{_line(vnode)}: {prefix}{key} must be {_type_name(hints[key])}, got {value!r}")
-            continue
-        kw[key] = value
-    return cls(**kw)
+def _problem(e: Any, data: dict[str, Any], at: Any) -> tuple[str, str]:
+    """``(top-level field, message)`` for one pydantic error."""
+    cls, path, value, hint = JobSpec, [], data, None
+    for el in e["loc"]:
+        if cls is None or not isinstance(el, str) or el not in _fields(cls) or not isinstance(value, dict):
+            break
+        path.append(el)
+        hint, value = get_type_hints(cls)[el], value.get(el)
+        cls = _section(hint)
+    key = ".".join(path)
+    if e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        bad = str(e["loc"][len(path)])
+        known = _fields(cls or JobSpec)
+        close = difflib.get_close_matches(bad, known, n=1)
+        hint_txt = f"did you mean {close[0]!r}? " if close else ""
+        where = f"{key}.{bad}" if key else bad
+        return path[0] if path else bad, f"{at(where)}: unknown field '{where}': {hint_txt}valid fields: {known}"
+    return path[0], f"{at(key)}: {key} must be {_type_name(hint)}, got {value!r}"
+
+
+def _build(data: dict[str, Any], at: Any, problems: list[str]) -> JobSpec:
+    """A validated :class:`JobSpec`; fields with problems are reported and left at their defaults."""
+    if data.get("evaluation") is False:
+        data = {**data, "evaluation": None}  # ``evaluation: false``
+    for key in ("source_file", "source_lines"):  # set by the loader, not by the file
+        if key in data:
+            problems.append(f"{at(key)}: unknown field '{key}': valid fields: {_fields(JobSpec)}")
+            data = {k: v for k, v in data.items() if k != key}
+    adapter = TypeAdapter(JobSpec)
+    try:
+        return adapter.validate_json(json.dumps(data, default=str))
+    except ValidationError as err:
+        found = dict.fromkeys(_problem(e, data, at) for e in err.errors())
+        problems += [msg for _, msg in found]
+        bad = {f for f, _ in found}
+        return adapter.validate_json(json.dumps({k: v for k, v in data.items() if k not in bad}, default=str))
 
 
 def _compose(path: Path) -> Node | None:
@@ -192,16 +198,11 @@ def _compose(path: Path) -> Node | None:
         raise SpecError([f"{where}: not valid YAML: {getattr(e, 'problem', e)}"]) from e
 
 
-def load_jobs(path: str | os.PathLike) -> list[JobSpec]:
-    """Parse and validate a job or batch file; raises :class:`SpecError` listing every problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"job file {path} does not exist")
-    file, problems = str(path), []
-    root = _compose(path)
+def _job_nodes(root: Node | None, file: str, problems: list[str]) -> tuple[list[MappingNode], list[Node]]:
+    """``(defaults, jobs)`` nodes of a job or batch file."""
     defaults: list[MappingNode] = []
     if isinstance(root, MappingNode) and any(_value(k) in ("jobs", "defaults") for k, _ in root.value):
-        top = _items(root, file, problems)
+        top = {_value(k): (k, v) for k, v in root.value}
         for key, (k, _) in top.items():
             if key not in ("jobs", "defaults"):
                 problems.append(f"{file}:{_line(k)}: unknown top-level field {key!r}: "
@@ -216,19 +217,33 @@ def load_jobs(path: str | os.PathLike) -> list[JobSpec]:
     if not nodes:
         raise SpecError(problems + [f"{file}: expected a job (a mapping with model, recipe, ...), a list of jobs, "
                                     "or {defaults: ..., jobs: [...]}"])
+    return defaults, nodes
+
+
+def load_jobs(path: str | os.PathLike) -> list[JobSpec]:
+    """Parse and validate a job or batch file; raises :class:`SpecError` listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"job file {path} does not exist")
+    file, problems = str(path), []
+    defaults, nodes = _job_nodes(_compose(path), file, problems)
     jobs = []
     for node in nodes:
         if not isinstance(node, MappingNode):
             problems.append(f"{file}:{_line(node)}: a job must be a mapping (model, recipe, options, ...), "
                             f"got {_value(node)!r}")
             continue
-        job = _fill(JobSpec, defaults + [node], file, problems)
-        job.source_file = file
+        lines: dict[str, int] = {}
+        data: dict[str, Any] = {}
         for n in defaults + [node]:
-            lines: dict[str, int] = {}
-            _index_lines(n, "", lines)
-            job.source_lines.update(lines)
-        job.source_lines[""] = _line(node)
+            own: dict[str, int] = {}
+            _index_lines(n, "", own, file, problems)
+            lines.update(own)
+            data = _merge(data, _value(n))
+        lines[""] = _line(node)
+        at = lambda p: f"{file}:{lines.get(p, lines[''])}"  # noqa: E731
+        job = _build(data, at, problems)
+        job.source_file, job.source_lines = file, lines
         validate_job(job, problems)
         jobs.append(job)
     _check_unique(jobs, problems)

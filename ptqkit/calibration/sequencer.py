@@ -1,0 +1,305 @@
+"""The one-pass sequencer: every calibration batch runs a decoder block in its own thread and pauses
+at each linear until that linear is quantized.
+
+**What a batch thread does.** It runs the block's forward on one calibration batch. The block's
+linears are stand-ins (:class:`Wrapped`); calling one hands the input over (:meth:`Sequencer.arrive`)
+and waits. Threads take turns under one lock: one computes at a time.
+
+**When a barrier releases.** When no thread can run any more (each waits at some linear or has
+finished). Then, for every linear someone waits at, in batch order:
+
+1. *its input*: if each waiting batch hands over the very tensor its previous linear read (q/k/v read
+   the normed hidden states, gate/up the MLP input), the linear shares that input. Otherwise the input
+   is new: the in-pass transforms see it (``Transform.at_barrier``, with a :class:`Barrier`) and may fold
+   a scale into its producer, returning a divisor ``s``; a fresh statistics object
+   (``Algorithm.new_stats``) takes every batch's input (divided by ``s``);
+2. the quantizer quantizes the linear from the statistics of its input (``Quantizer.quantize``); the
+   stand-in computes with the dequantized weight from then on, and the threads go on, each with its
+   input divided by ``s`` where a transform folded one.
+
+So each linear is calibrated on inputs produced by its already-quantized predecessors (GPTQ's "true
+sequential", per linear), and the block's quantized outputs come out of the same pass.
+
+**Shared inputs** are the one cache: per batch the sequencer keeps the current input (as handed over,
+as divided, and its statistics). Readers of one tensor share one statistics object and one divided
+copy, exactly (identity, not equality) and bounded (one entry per batch); the statistics are freed
+when every batch has moved on.
+
+**What a plugin sees at a barrier**: the :class:`Barrier` only (the linear, the held inputs, the
+current float module behind any name of the block, ``divide_rows`` for a producer that is already
+quantized), never the sequencer's own objects.
+
+``observe_only`` (the two-pass pipeline): batches run one after another without pausing, every
+linear's statistics are collected, and the caller quantizes afterwards.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from accelerate.utils import send_to_device
+from torch import nn
+
+from ..algorithms.base import Barrier, BlockContext, Quantizer, Transform, block_output
+from ..layers import QuantLinear, divide_rows_
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Input:
+    """One batch's current linear input: as handed over, as the readers get it, and its statistics."""
+
+    raw: torch.Tensor
+    used: torch.Tensor
+    stats: Any
+
+
+class Wrapped(nn.Module):
+    """Stands in for a linear during the quantizer pass; becomes its quantized replacement."""
+
+    def __init__(self, name: str, short: str, inner: nn.Module, seq: "Sequencer") -> None:
+        super().__init__()
+        self.name, self.short, self.inner, self.seq, self.done = name, short, inner, seq, False
+        self.final: nn.Module = inner
+        self.stats: Any = None  # observe-only: the statistics of its input
+
+    def quantize(self, stats: Any) -> None:
+        q = self.seq.q
+        t = time.perf_counter()
+        self.final = q.quantize(self.name, self.inner, stats)
+        q.stats.setdefault(self.name, {})["quantize_s"] = time.perf_counter() - t
+        if isinstance(self.final, QuantLinear):  # same numbers, without unpacking per batch
+            self.inner = nn.Linear(self.final.in_features, self.final.out_features, bias=self.final.bias is not None,
+                                   device=self.final.scales.device, dtype=self.final.scales.dtype)
+            self.inner.weight.data = self.final.dequantize()
+            if self.final.bias is not None:
+                self.inner.bias.data = self.final.bias
+        else:
+            self.inner = self.final
+        self.done = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.seq.arrive(self, x)  # first: ``inner`` is the quantized layer's weight once this returns
+        return self.inner(x)
+
+
+class Sequencer:
+    """Batch threads that pause at every wrapped linear (see the module docstring)."""
+
+    def __init__(self, quantizer: Quantizer, ctx: BlockContext, observe_only: bool = False,
+                 in_pass: Sequence[Transform] = (), on_barrier: Callable[[], None] | None = None) -> None:
+        self.q, self.ctx, self.observe_only, self.in_pass = quantizer, ctx, observe_only, tuple(in_pass)
+        self.on_barrier = on_barrier
+        self.n = len(ctx.inputs)
+        self.block: nn.Module | None = None
+        self.wrapped: dict[str, Wrapped] = {}
+        self.current: dict[int, _Input] = {}      # batch -> its current linear input (the shared-input cache)
+        self.waiting: dict[Wrapped, list[tuple[int, torch.Tensor]]] = {}
+        self.cond = threading.Condition()
+        self.running = 0
+        self.local = threading.local()            # .batch: the calibration batch this thread runs
+        self.error: BaseException | None = None
+
+    def wrap(self, block: nn.Module, prefix: str, linears: dict[str, nn.Module]) -> dict[str, Wrapped]:
+        """Put stand-ins in place of ``linears`` (short names) in ``block``."""
+        self.block = block
+        self.wrapped = {name: Wrapped(prefix + name, name, m, self) for name, m in linears.items()}
+        for name, w in self.wrapped.items():
+            block.set_submodule(name, w)
+        return self.wrapped
+
+    def unwrap(self) -> None:
+        """Put each linear's final (quantized) module in place of its stand-in."""
+        for name, w in self.wrapped.items():
+            self.block.set_submodule(name, w.final)
+        self.current.clear()
+
+    def _module(self, name: str) -> nn.Module:
+        w = self.wrapped.get(name)
+        return w.inner if w is not None else self.block.get_submodule(name)
+
+    def _divide_rows(self, name: str, s: torch.Tensor) -> None:
+        w = self.wrapped.get(name)
+        if w is None:
+            divide_rows_(self.block.get_submodule(name), s)
+            return
+        divide_rows_(w.inner, s)
+        if w.final is not w.inner:
+            divide_rows_(w.final, s)
+
+    def _shared(self, arrivals: list[tuple[int, torch.Tensor]]) -> _Input | None:
+        """The common current input of these batches when each hands over that very tensor again."""
+        cur = [self.current.get(b) for b, _ in arrivals]
+        if all(c is not None and c.raw is x for c, (_, x) in zip(cur, arrivals)) and \
+                len({id(c.stats) for c in cur}) == 1:
+            return cur[0]
+        return None
+
+    def _new_input(self, w: Wrapped, arrivals: list[tuple[int, torch.Tensor]]) -> Any:
+        """A new input: in-pass folds, then every batch's (divided) input into fresh statistics."""
+        s = None
+        barrier = Barrier(w.short, [x for _, x in arrivals], self._module, self._divide_rows)
+        for t in self.in_pass:
+            got = t.at_barrier(self.ctx, barrier)
+            if got is not None:
+                if len(arrivals) != self.n:  # e.g. a routed expert: the other batches would miss the division
+                    raise RuntimeError(f"{w.name}: an in-pass fold needs every calibration batch at this linear, "
+                                       f"{len(arrivals)} of {self.n} reached it; use pipeline='two-pass'")
+                s = got if s is None else s * got
+        stats = self.q.new_stats()
+        for b, x in arrivals:
+            used = x if s is None else (x.float() / s.to(x.device)).to(x.dtype)
+            self.current[b] = _Input(x, used, stats)
+            if stats is not None:
+                stats.add(used)
+        return stats
+
+    def _release(self) -> None:
+        if self.on_barrier is not None:  # e.g. freed memory back to the kernel while every batch is paused
+            self.on_barrier()
+        for w, arrivals in self.waiting.items():
+            # batch order, not arrival order: fp32 statistics (Hessian sums) are bit-identical run to run
+            arrivals.sort(key=lambda item: item[0])
+            shared = self._shared(arrivals)
+            w.quantize(shared.stats if shared is not None else self._new_input(w, arrivals))
+        # the woken threads count as running from now on, before they get the lock back
+        self.running += sum(len(arrivals) for arrivals in self.waiting.values())
+        self.waiting.clear()
+        self.cond.notify_all()
+
+    def _observe(self, w: Wrapped, x: torch.Tensor) -> None:
+        """Observe-only: this batch's input into ``w``'s statistics (shared with the previous reader)."""
+        b = self.local.batch
+        cur = self.current.get(b)
+        if cur is not None and cur.raw is x:
+            w.stats = cur.stats
+            return
+        if w.stats is None:
+            w.stats = self.q.new_stats()
+        if w.stats is not None:
+            w.stats.add(x)
+        self.current.clear()  # one batch at a time: keep only its current input
+        self.current[b] = _Input(x, x, w.stats)
+
+    def arrive(self, w: Wrapped, x: torch.Tensor) -> torch.Tensor:
+        """Pause until ``w`` is quantized; returns the input to go on with (divided by an in-pass fold)."""
+        if w.done:  # quantized already: the output pass of "two-pass" must not feed statistics
+            return x
+        if self.observe_only:  # batches run one after another here: already in order
+            self._observe(w, x)
+            return x
+        b = self.local.batch
+        self.waiting.setdefault(w, []).append((b, x))
+        self.running -= 1
+        if self.running == 0:
+            self._release()
+        else:
+            self.cond.wait_for(lambda: w.done or self.error is not None)
+        if self.error is not None:
+            raise RuntimeError("another calibration batch failed") from self.error
+        return self.current[b].used
+
+    def run(self, fn: Callable[[int], torch.Tensor], count: int) -> list[torch.Tensor]:
+        """``fn(i)`` for every batch ``i``, each in its own thread (one after another when observing only)."""
+        results: list[Any] = [None] * count
+        self.running = count  # threads not yet started count as running: no barrier opens early
+
+        def work(i: int) -> None:
+            self.local.batch = i
+            with self.cond:
+                try:
+                    with torch.no_grad():
+                        results[i] = fn(i)
+                except BaseException as e:  # noqa: BLE001 - handed to the main thread below
+                    self.error = self.error or e
+                finally:
+                    self.current.pop(i, None)  # its last input (and its statistics) can go
+                    self.running -= 1
+                    if self.running == 0 and self.waiting and self.error is None:
+                        self._release()
+                    self.cond.notify_all()
+
+        if self.observe_only or count == 1:
+            for i in range(count):
+                work(i)
+        else:
+            with self.cond:  # start all threads before any runs, so barriers count them all
+                threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(count)]
+                for t in threads:
+                    t.start()
+            for t in threads:
+                t.join()
+        if self.error is not None:
+            raise self.error
+        return results
+
+    def finish(self) -> None:
+        """Quantize what is left: every linear after an observe-only pass, and the linears no batch reached
+        (e.g. unrouted experts: statistics of no input)."""
+        for w in self.wrapped.values():
+            if w.done:
+                continue
+            if not self.observe_only:
+                log.warning("%s saw no calibration input; quantized without statistics", w.name)
+            w.quantize(w.stats if w.stats is not None else self.q.new_stats())
+            w.stats = None
+
+
+def observe_pass(step: Transform, block: nn.Module, linears: dict[str, nn.Module],
+                 forward: Callable[[], list[torch.Tensor]]) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """Run every calibration batch through ``block`` (``forward``) with ``step`` observing the inputs of
+    ``linears``; returns the block's (fp) outputs per batch and each linear's statistics (readers of one
+    tensor share one object, as in the sequencer)."""
+    stats: dict[str, Any] = {}
+    last: list[Any] = [None, None]  # (input, statistics) of the last linear call
+
+    def hook(name: str) -> Callable:
+        def fn(mod: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if last[0] is x:
+                st = last[1]
+            else:
+                st = stats[name] if name in stats else step.new_stats()
+                if st is not None:
+                    st.add(x)
+            stats.setdefault(name, st)
+            last[:] = [x, st]
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    try:
+        with torch.no_grad():
+            outs = forward()
+    finally:
+        for h in handles:
+            h.remove()
+    return outs, {n: st for n, st in stats.items() if st is not None}
+
+
+def quantize_pass(q: Quantizer, block: nn.Module, prefix: str, linears: dict[str, nn.Module], ctx: BlockContext,
+                  two_pass: bool = False, in_pass: Sequence[Transform] = (),
+                  on_barrier: Callable[[], None] | None = None) -> list[torch.Tensor]:
+    """Quantize ``linears`` of ``block`` and return its quantized outputs per batch (see the module
+    docstring); ``two_pass``: observe every linear with fp weights first, quantize, then run again;
+    ``on_barrier`` is called whenever every batch is paused."""
+    def fwd(i: int) -> torch.Tensor:
+        h = send_to_device(ctx.inputs[i], ctx.device)
+        return block_output(block(h, **send_to_device(ctx.kwargs[i], ctx.device))).to(ctx.inputs[i].device)
+
+    seq = Sequencer(q, ctx, observe_only=two_pass, in_pass=in_pass, on_barrier=on_barrier)
+    seq.wrap(block, prefix, linears)
+    try:
+        outs = seq.run(fwd, len(ctx.inputs))
+        seq.finish()
+        if two_pass:
+            outs = None  # the observe pass's fp outputs are not needed: free them before the output pass
+            with torch.no_grad():  # no autograd graph: it would keep every batch's activations alive
+                outs = [fwd(i) for i in range(len(ctx.inputs))]
+    finally:
+        seq.unwrap()
+    return outs
