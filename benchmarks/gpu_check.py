@@ -138,7 +138,7 @@ def step_tables(args: argparse.Namespace) -> None:
 
 
 def _truncate(model: torch.nn.Module, blocks: int) -> torch.nn.Module:
-    from ptqkit.models import find_blocks
+    from ptqkit.architectures import find_blocks
 
     found = find_blocks(model)
     layers = found[1] if isinstance(found, tuple) else found

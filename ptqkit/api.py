@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ def quantize(
     batch_size: int = 8,
     pipeline: str = "sequential",
     offload_activations: bool = False,
+    calibrate_all_experts: bool = False,
     **options: Any,
 ) -> nn.Module:
     """Quantize ``model`` in place with a method or recipe; returns the same model object.
@@ -42,7 +44,10 @@ def quantize(
     Every linear of the decoder blocks is replaced by a quantized module, except those matched
     by ``ignore`` (full names, or ``re:`` regexes); ``lm_head`` and embeddings stay as they are.
     ``options`` go to every recipe step whose config has a field of that name (``bits``,
-    ``group_size``, ``sym``, ``act_order``, ``alpha``, ...); a name no step takes is an error.
+    ``group_size``, ``sym``, ``act_order``, ``alpha``, ...); a name no step takes is an error. Routed experts
+    are quantized one by one from the tokens routed to each (``calibrate_all_experts``: from every token, the
+    block's output keeping the real routing). Every block weight matrix is quantized, ignored, or a router /
+    1-output gate kept in full precision; any other is an error before the run.
     """
     steps = build_recipe(method, options)
     checks.check_positive(num_samples=num_samples, seqlen=seqlen, batch_size=batch_size)
@@ -60,25 +65,50 @@ def quantize(
     cuda = [torch.device(device)] if device is not None and torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # seeded for reproducible runs; the caller's RNG state comes back
         torch.manual_seed(seed)
-        info = run(model, calib, steps, ignore=ignore, device=device, batch_size=batch_size,
-                   pipeline=pipeline, offload_activations=offload_activations)
+        info = run(model, calib, steps, ignore=ignore, device=device, batch_size=batch_size, pipeline=pipeline,
+                   offload_activations=offload_activations, calibrate_all_experts=calibrate_all_experts)
     wall = time.perf_counter() - t0
     name = method if isinstance(method, str) else "+".join(s.name for s in steps)
-    model.ptqkit_info = {
+    model.ptqkit_info = _info(model, name, steps, calib, info, wall, dict(
+        num_samples=num_samples, seqlen=seqlen, seed=seed, ignore=ignore, pipeline=pipeline, batch_size=batch_size,
+        calibration=calibration if isinstance(calibration, str) else type(calibration).__name__,
+        calibrate_all_experts=calibrate_all_experts))
+    log.info("quantized with %s in %.1fs", name, wall)
+    return model
+
+
+def _info(model: nn.Module, name: str, steps: list, calib: Any, info: dict[str, Any], wall: float,
+          config: dict[str, Any]) -> dict[str, Any]:
+    """``model.ptqkit_info``: what was run, on what, how long it took and what it covered."""
+    out = {
         "method": name,
         "recipe": recipe_to_list(steps),
-        "config": {"num_samples": num_samples, "seqlen": seqlen, "seed": seed, "ignore": ignore,
-                   "pipeline": pipeline, "batch_size": batch_size,
-                   "calibration": calibration if isinstance(calibration, str) else type(calibration).__name__},
+        "config": config,
         "calibration_fingerprint": calib.fingerprint if calib is not None else None,
         "timings": {"quantize_s": wall, **{k: v for k, v in info.items() if k.endswith("_s")}},
         "blocks": info.get("blocks", []),
         "distributed": info.get("distributed"),  # world_size, rank, samples_per_rank (torchrun)
         "host": {"disk_offload": info.get("disk_offload", False), "malloc": info.get("malloc")},
         "layers": _merge_stats(steps),
+        "coverage": checks.coverage(model),
     }
-    log.info("quantized with %s in %.1fs", name, wall)
-    return model
+    experts = _experts(out["layers"])
+    if experts:
+        out["experts"] = {**experts, "calibrate_all": config["calibrate_all_experts"]}
+    return out
+
+
+def _experts(layers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Calibration tokens per routed expert (its first projection): min / median / max, and the projections
+    that saw none (quantized without data) or fell back to round-to-nearest for too few."""
+    first = [v.get("calibration_tokens") for k, v in layers.items() if re.search(r"\.experts\.\d+\.(gate_proj|w1)$", k)]
+    counts = sorted(c for c in first if c is not None)
+    if not counts:
+        return {}
+    return {"tokens": {"min": counts[0], "median": counts[len(counts) // 2], "max": counts[-1], "experts": len(counts)},
+            "without_data": sorted(k for k, v in layers.items() if ".experts." in k and v.get("calibration_tokens") == 0),
+            "round_to_nearest": sorted(k for k, v in layers.items() if ".experts." in k and v.get("method") == "rtn"
+                                       and "few_tokens" in v)}
 
 
 def _merge_stats(steps: list) -> dict[str, dict[str, Any]]:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .layers import QuantLinear, QuantLinearW8A8
-from .models import find_blocks, find_linears, is_ignored
+from .architectures import architecture, check_coverage, find_blocks, is_ignored, planned_linears
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +60,17 @@ def check_ignore(ignore: Any) -> list[str] | None:
 
 
 def check_model(model: nn.Module, ignore: list[str] | None) -> int:
-    """The model has decoder blocks, is not quantized yet and has something left to quantize; returns how
-    many linears will be. An ``ignore`` entry that matches no linear is logged as a warning."""
+    """The model has decoder blocks, is not quantized yet, holds no weight matrix ptqkit would silently skip,
+    and has something left to quantize; returns how many linears will be. An ``ignore`` entry that matches no
+    linear is logged as a warning."""
     path, blocks = find_blocks(model)
+    arch = architecture(model)
     done = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantLinearW8A8))]
     if done:
         raise ValueError(f"the model is already quantized ({len(done)} layers, e.g. {done[0]}): quantize the "
                          "original full-precision model instead")
-    names = [f"{path}.{i}.{n}" for i, b in enumerate(blocks) for n in find_linears(b)]
+    check_coverage(blocks, path, ignore, arch)
+    names = [f"{path}.{i}.{n}" for i, b in enumerate(blocks) for n in planned_linears(b, arch)]
     kept = [n for n in names if not is_ignored(n, ignore)]
     for pat in ignore or ():
         if not any(is_ignored(n, [pat]) for n in names):
@@ -77,6 +80,24 @@ def check_model(model: nn.Module, ignore: list[str] | None) -> int:
         raise ValueError(f"ignore={ignore!r} keeps every one of the {len(names)} linears in full precision: "
                          "nothing would be quantized; narrow the patterns")
     return len(kept)
+
+
+def coverage(model: nn.Module) -> dict[str, Any]:
+    """How much of the decoder blocks' weight matrices is quantized (elements), and what stays in full precision."""
+    path, blocks = find_blocks(model)
+    quantized = kept = 0
+    left: dict[str, str] = {}
+    for name, m in blocks.named_modules():
+        if isinstance(m, (QuantLinear, QuantLinearW8A8)):
+            quantized += m.in_features * m.out_features
+            continue
+        for p in m.parameters(recurse=False):
+            if p.is_floating_point() and p.dim() >= 2:
+                kept += p.numel()
+                left[f"{path}.{name}"] = type(m).__name__
+    total = quantized + kept
+    return {"quantized_params": quantized, "kept_params": kept, "total_params": total,
+            "quantized_share": quantized / total if total else 0.0, "full_precision": left}
 
 
 def check_ids(ids: torch.Tensor, model: nn.Module, what: str = "calibration") -> None:

@@ -166,9 +166,9 @@ def _method(text: str) -> Any:
     return text.split(",") if "," in text else text
 
 
-def _table(rep: Any, times: dict[str, float], size_fp: float, size_q: float) -> str:
+def _table(rep: Any, times: dict[str, float], size_fp: float, size_q: float, share: float | None = None) -> str:
     f = lambda x, s=".3f": "–" if x is None else format(x, s)  # noqa: E731
-    rows = [
+    rows = [("block weights quantized", "", "–" if share is None else f"{100 * share:.1f}%"),
         ("perplexity", f(rep.ppl_fp if rep else None), f(rep.ppl_q if rep else None)),
         ("Δ ppl (Δ%)", "", "–" if rep is None or rep.delta is None else f"{rep.delta:+.3f} ({rep.delta_pct:+.2f}%)"),
         ("KL (nats/token)", "", f(rep.kl if rep else None, ".5f")),
@@ -315,7 +315,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if not args.no_save:  # rank 0 writes; the others wait for it at the barrier inside save
             api.save(model, out, format=args.format, tokenizer=tok, overwrite=args.overwrite)
         return 0
-    print(_table(rep, times, size_fp, api.model_size_mb(model)))
+    print(_table(rep, times, size_fp, api.model_size_mb(model), model.ptqkit_info["coverage"]["quantized_share"]))
     print("peak memory (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in peak_memory_mb().items()))
     if not args.no_save:  # report: in the same atomic write
         api.save(model, out, format=args.format, tokenizer=tok, report=rep, overwrite=args.overwrite)

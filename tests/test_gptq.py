@@ -320,11 +320,11 @@ def test_quantizer_errors_name_the_layer(caplog):
     m = nn.Linear(6, 4)
     q = GPTQ(GPTQConfig(bits=4, group_size=-1))
     with pytest.raises(ValueError, match="blk.0.up.*NaN"):
-        q.quantize("blk.0.up", m, _stats_of(q, torch.full((1, 3, 6), float("nan"))))
+        q.quantize("blk.0.up", m, _stats_of(q, torch.full((1, 16, 6), float("nan"))))
     with torch.no_grad():
         m.weight[0, 0] = float("inf")
     with pytest.raises(ValueError, match="blk.0.down.*NaN/Inf"):
-        q.quantize("blk.0.down", m, _stats_of(q, torch.randn(1, 3, 6)))
+        q.quantize("blk.0.down", m, _stats_of(q, torch.randn(1, 16, 6)))
     with torch.no_grad():
         m.weight[0, 0] = 1.0
     with caplog.at_level(logging.WARNING):

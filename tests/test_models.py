@@ -9,6 +9,7 @@ import torch
 
 import ptqkit
 from ptqkit import models
+from ptqkit.architectures import find_blocks
 
 
 def test_missing_package_names_the_install_command(monkeypatch):
@@ -36,7 +37,7 @@ def test_cache_dir_honours_env(monkeypatch, tmp_path):
 
 def test_find_blocks_generic_fallback(tiny_llama):
     tiny_llama.config.model_type = "something-new"  # no preset: found as the ModuleList of num_hidden_layers
-    path, blocks = models.find_blocks(tiny_llama)
+    path, blocks = find_blocks(tiny_llama)
     assert path == "model.layers" and len(blocks) == 2
 
 

@@ -398,7 +398,7 @@ def test_alpha_search_trial_matches_a_direct_computation(tiny_llama) -> None:
     quantized by the recipe's own RTN W8A8 quantizer (and the trial leaves the block as it was)."""
     from ptqkit.algorithms.base import BlockContext, block_output
     from ptqkit.calibration.sequencer import observe_pass
-    from ptqkit.models import architecture, find_linears
+    from ptqkit.architectures import architecture, find_linears
 
     model = _outlier_llama(tiny_llama)
     block = model.model.layers[0]

@@ -34,6 +34,7 @@ from .. import distributed
 from ..quant import STRICT
 from ..registry import register
 from . import awq_math as am
+from ..architectures import fold_norm_
 from .base import Memory, Transform, block_output, slice_batch
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,25 @@ class _Inputs:
         kept = order[:keep]
         return self.rows[kept], torch.clamp(tau / self.weight[kept].clamp(min=1e-30), min=1.0)
 
+    @classmethod
+    def merged(cls, stats: list[Any]) -> "_Inputs | None":
+        """One input's statistics: the readers' common object, or (routed experts, each reading its own tokens)
+        their sums, with the sampled rows of the highest priorities among them."""
+        distinct = list({id(st): st for st in stats if st is not None}.values())
+        if len(distinct) <= 1:
+            return distinct[0] if distinct else None
+        first = distinct[0]
+        out = cls(first.n_gram, first.keep, first.gen)
+        out.abs_sum = sum(st.abs_sum for st in distinct)
+        out.count = sum(st.count for st in distinct)
+        out.gram = sum(st.gram for st in distinct)
+        out.gram_count = sum(st.gram_count for st in distinct)
+        prio = torch.cat([st.prio for st in distinct])
+        best = prio.topk(min(first.keep + 1, prio.numel())).indices
+        out.rows = torch.cat([st.rows for st in distinct])[best]
+        out.weight, out.prio = torch.cat([st.weight for st in distinct])[best], prio[best]
+        return out
+
     @property
     def x_mean(self) -> torch.Tensor:
         return (self.abs_sum / self.count).float()
@@ -149,6 +169,7 @@ class _Fold:
     inspect: str | None
     tokenwise: bool
     heads: tuple[int, int, int] | None = None   # (kv heads, query heads per kv head, head dim) for GQA
+    norm_offset: float = 0.0                    # the norm multiplies by (offset + weight): Gemma's is 1
 
     def expand(self, s: torch.Tensor) -> torch.Tensor:
         """Scale over prev's outputs ``[..., P]`` -> over the linears' inputs ``[..., K]``."""
@@ -205,7 +226,7 @@ class AWQ(Transform):
         if not maps:
             raise ValueError(
                 f"AWQ found no op whose output scale folds into linears in block {ctx.prefix} "
-                f"({type(block).__name__}): add Mapping entries for this model_type to ptqkit.models.ARCHITECTURES, "
+                f"({type(block).__name__}): add Mapping entries for this model_type to ptqkit.architectures.ARCHITECTURES, "
                 "or quantize without AWQ (method='rtn' or 'gptq')")
         folds = []
         for m in maps:
@@ -214,14 +235,14 @@ class AWQ(Transform):
                     block.get_submodule(path)
                 except AttributeError:
                     raise ValueError(f"AWQ mapping {m.prev} -> {list(m.linears)}: block {ctx.prefix} has no "
-                                     f"submodule {path!r}; fix the Mapping in ptqkit.models.ARCHITECTURES") from None
+                                     f"submodule {path!r}; fix the Mapping in ptqkit.architectures.ARCHITECTURES") from None
             quantized = [n for n in m.linears if n in ctx.linears]
             if not quantized:
                 self._log_once("AWQ: %s -> %s: every linear is ignored; not scaled", m.prev, list(m.linears))
                 continue
-            fold = _Fold(m.prev, list(m.linears), quantized, m.inspect, m.tokenwise)
+            fold = _Fold(m.prev, list(m.linears), quantized, m.inspect, m.tokenwise, norm_offset=m.norm_offset)
             prev = block.get_submodule(m.prev)
-            k = block.get_submodule(m.linears[0]).in_features
+            k = block.get_submodule(m.linears[0]).weight.shape[-1]   # a router reads the same input
             p = prev.out_features if isinstance(prev, nn.Linear) else prev.weight.numel()
             if p != k:
                 fold.heads = self._heads(block, m, p, k)
@@ -316,7 +337,7 @@ class AWQ(Transform):
 
     def _search(self, block: nn.Module, fold: _Fold, ctx: Any, captured: dict[str, list[tuple]]) -> dict[str, Any]:
         cfg = self.config
-        st = self._stats(ctx, fold.quantized[0])
+        st = _Inputs.merged([ctx.stats.get(n) for n in fold.quantized])
         if st is None:
             raise RuntimeError(f"AWQ: no calibration input reached {ctx.prefix}.{fold.quantized[0]}")
         lins = [block.get_submodule(n) for n in fold.quantized]
@@ -346,11 +367,10 @@ class AWQ(Transform):
         with torch.no_grad():
             if isinstance(prev, nn.Linear):
                 prev.weight.copy_((prev.weight.float() / s_prev[:, None]).to(prev.weight.dtype))
-            else:
-                prev.weight.copy_((prev.weight.float() / s_prev).to(prev.weight.dtype))
-            bias = getattr(prev, "bias", None)
-            if isinstance(bias, torch.Tensor):
-                bias.copy_((bias.float() / s_prev).to(bias.dtype))
+                if prev.bias is not None:
+                    prev.bias.copy_((prev.bias.float() / s_prev).to(prev.bias.dtype))
+            else:  # (fp64 then one rounding: the same bits as fp32 division for offset 0)
+                fold_norm_(prev, s_prev, fold.norm_offset)
             for n in fold.linears:
                 lin = block.get_submodule(n)
                 lin.weight.copy_((lin.weight.float() * s[None, :]).to(lin.weight.dtype))

@@ -28,15 +28,22 @@ from torch import nn
 
 from .. import distributed
 from ..layers import QuantLinear, QuantLinearW8A8
-from ..models import detect_mappings
+from ..architectures import detect_mappings, resolve_all
 from ..quant import STRICT, QuantArgs
 
 log = logging.getLogger(__name__)
 
 
 def slice_batch(obj: Any, take: int, batch: int) -> Any:
-    """The first ``take`` sequences of the tensors nested in ``obj`` whose leading dimension is ``batch``."""
-    return recursively_apply(lambda t: t[:take] if t.dim() > 0 and t.shape[0] == batch else t, obj)
+    """The first ``take`` sequences of the tensors nested in ``obj`` whose leading dimension is ``batch``; in a
+    3+-D tensor a leading dimension that is a multiple of it (BLOOM's ALiBi bias, ``[batch·heads, 1, L]``) is
+    taken as batch-major."""
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 0 or t.shape[0] % batch or (t.shape[0] != batch and t.dim() < 3):
+            return t
+        return t.reshape(batch, -1, *t.shape[1:])[:take].reshape(-1, *t.shape[1:])  # [b·k, ...] -> [take·k, ...]
+
+    return recursively_apply(cut, obj)
 
 
 def block_output(out: Any) -> torch.Tensor:
@@ -60,22 +67,23 @@ class BlockContext:
     inputs: list[torch.Tensor]               # hidden states per batch [b, L, H]
     kwargs: list[dict[str, Any]]             # keyword arguments per batch (masks, rotary, ...)
     device: torch.device
-    arch: Any                                # ptqkit.models.Architecture
+    arch: Any                                # ptqkit.architectures.Architecture
     qargs: Any                               # the quantizer's config (bits, group_size, sym, ...)
     stats: dict[str, Any] = field(default_factory=dict)  # linear -> statistics of its input (observe pass)
     _found: tuple | None = field(default=None, repr=False)
 
     def mappings(self, block: nn.Module) -> tuple:
-        """The architecture's norm/linear -> linears mappings (``ptqkit.models.Mapping``); without a preset,
-        those found by running ``block`` on one calibration sequence (``ptqkit.models.detect_mappings``)."""
-        if self.arch.mappings or not self.inputs:
-            return self.arch.mappings
+        """The block's norm/linear -> linears mappings (``ptqkit.architectures.Mapping``, resolved for this block);
+        without a preset, those found by running ``block`` on one calibration sequence (``detect_mappings``)."""
         if self._found is None:
-            one = slice_batch((self.inputs[0], self.kwargs[0]), 1, self.inputs[0].shape[0])
-            with torch.no_grad():
-                self._found = detect_mappings(block, lambda: self.forward_one(block, *one))
-            log.info("%s: no preset mappings for this architecture; found %s", self.prefix,
-                     [m.prev for m in self._found])
+            if self.arch.mappings or not self.inputs:
+                self._found = resolve_all(self.arch.mappings, block)
+            else:
+                one = slice_batch((self.inputs[0], self.kwargs[0]), 1, self.inputs[0].shape[0])
+                with torch.no_grad():
+                    self._found = detect_mappings(block, lambda: self.forward_one(block, *one))
+                log.info("%s: no preset mappings for this architecture; found %s", self.prefix,
+                         [m.prev for m in self._found])
         return self._found
 
     def forward_one(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:

@@ -48,6 +48,8 @@ class GPTQConfig(QuantizerConfig):
       up front (checkpoint in original order, no run-time reordering); ``False`` forms groups along
       the processing order and stores a permutation (GPTQ's ``g_idx`` form);
     - ``true_sequential``: calibrate each linear on the outputs of its already-quantized predecessors;
+    - ``min_tokens``: a linear that fewer calibration tokens reached (a rarely routed expert) is quantized with
+      round-to-nearest instead (recorded in its stats);
     - ``mse``: search a clipping ratio per group instead of the min/max range; ``mse_weighting``
       ``"hessian"`` scores a candidate by the GPTQ loss ``Σ_j (w_j − q_j)² / [H⁻¹]_jj`` of its columns,
       ``"uniform"`` by ``Σ |w − q|^mse_norm`` (GPTQ's reference code).
@@ -64,6 +66,7 @@ class GPTQConfig(QuantizerConfig):
     static_groups: bool = True
     true_sequential: bool = True
     mse_weighting: Literal["hessian", "uniform"] = "hessian"
+    min_tokens: Annotated[int, Field(ge=0)] = 8
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -119,7 +122,9 @@ class GPTQ(Quantizer):
         """fp32 ``K×K`` Hessians and their factorization: the current input's (sequential) or every input's
         of the block (two-pass); workspace: weight copies, error and result buffers, the Cholesky factor."""
         widths = shape.inputs()
-        stats = 8 * max(widths) ** 2 if pipeline == "sequential" else 4 * sum(k * k for k in widths) + 4 * max(widths) ** 2
+        alive = min(batches, shape.experts) + 1 if shape.experts else 1  # routed: each paused batch its expert's
+        stats = (8 * alive * max(widths) ** 2 if pipeline == "sequential"
+                 else 4 * sum(k * k for k in widths) + 4 * max(widths) ** 2)
         return Memory(statistics=stats, workspace=3 * 4 * shape.largest_linear() + 8 * max(widths) ** 2)
 
     def quantize(self, name: str, module: nn.Linear, stats: Hessian | None = None) -> nn.Module:
@@ -129,10 +134,11 @@ class GPTQ(Quantizer):
         check_weight(name, w)
         st = stats if stats is not None else self.new_stats()
         _all_reduce_hessian(st, module.in_features, w.device)
-        if st.hessian is None:
-            log.warning("%s: no calibration input reached this layer; falling back to round-to-nearest", name)
+        if st.hessian is None or st.count < cfg.min_tokens:  # e.g. a routed expert that (nearly) no token reached
+            log.warning("%s: %d calibration tokens reached this layer (min_tokens=%d); round-to-nearest instead",
+                        name, st.count, cfg.min_tokens)
             codes, scales, zeros = quantize_weight(w, cfg)
-            self.stats.setdefault(name, {}).update(method="rtn", seconds=time.perf_counter() - t0)
+            self.stats.setdefault(name, {}).update(method="rtn", few_tokens=st.count, seconds=time.perf_counter() - t0)
             return self.build(name, module, codes, scales, zeros, stats=st)
         hessian, count = st.hessian, st.count
         if not torch.isfinite(hessian).all():

@@ -6,7 +6,7 @@ into the producing op, the multiplication into the linears' input columns, so th
 computes the same function and only the quantization difficulty moves from the activations
 (per-channel outliers) to the weights.
 
-Which mappings (the architecture preset's ``ptqkit.models.Mapping`` entries):
+Which mappings (the architecture preset's ``ptqkit.architectures.Mapping`` entries):
 
 - norm → linears (QKV after ``input_layernorm``, gate/up after ``post_attention_layernorm``),
   as in the paper: ``s`` divides the norm's weight (and bias);
@@ -37,7 +37,8 @@ from pydantic.dataclasses import dataclass
 from torch import nn
 
 from .. import distributed
-from ..models import Mapping, architecture, find_blocks, find_linears
+from ..architectures import Mapping, architecture, find_blocks, find_linears, fold_norm_, prepare_block
+from ..layers import divide_rows_
 from ..quant import STRICT
 from ..registry import register
 from .base import ActMax, Barrier, BlockContext, Memory, Transform
@@ -99,17 +100,19 @@ def smoothing_scales(act_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -
 
 
 @torch.no_grad()
-def fold_scales(prev: nn.Module, linears: Sequence[nn.Linear], s: torch.Tensor) -> None:
+def fold_scales(prev: nn.Module | None, linears: Sequence[nn.Module], s: torch.Tensor,
+                norm_offset: float = 0.0) -> None:
     """Fold ``s [K]`` in place (Eq. 3): the producer's output is divided by ``s`` -- a norm's
-    weight and bias, or a linear's rows and bias -- and ``W[:, j] *= s_j`` in the consumers.
+    weight (``(offset + w) / s − offset``) and bias, or a linear's rows and bias -- and ``W[:, j] *= s_j`` in
+    the consumers (routers included: they read the same input).
 
     The products are formed in fp64 and rounded once to each parameter's dtype.
     """
     s64 = s.double()
-    for p in (getattr(prev, "weight", None), getattr(prev, "bias", None)):
-        if p is not None:
-            d = s64.to(p.device)
-            p.copy_((p.double() / (d[:, None] if p.dim() == 2 else d)).to(p.dtype))  # [K, in] rows or [K]
+    if prev is not None and not hasattr(prev, "out_features"):
+        fold_norm_(prev, s, norm_offset)
+    elif prev is not None:
+        divide_rows_(prev, s)
     for lin in linears:
         lin.weight.copy_((lin.weight.double() * s64.to(lin.weight.device)[None, :]).to(lin.weight.dtype))
 
@@ -157,6 +160,7 @@ class _Group:
     quantized: tuple[str, ...]       # the ones the quantizer will replace
     act_max: torch.Tensor            # [K] per-channel max|x| of their input
     w_max: torch.Tensor              # [K] over the quantized linears' columns
+    norm_offset: float = 0.0         # the norm multiplies by (offset + weight): Gemma's is 1
 
     def scales(self, alphas: dict[str, float]) -> torch.Tensor:
         return smoothing_scales(self.act_max, self.w_max, alphas[self.kind])
@@ -196,7 +200,7 @@ class SmoothQuant(Transform):
             raise ValueError(
                 f"SmoothQuant needs the norm -> linears mappings of the architecture, and "
                 f"{type(block).__name__} has none: add an Architecture with mappings for this model_type "
-                "to ptqkit.models.ARCHITECTURES"
+                "to ptqkit.architectures.ARCHITECTURES"
             )
         return maps
 
@@ -206,7 +210,7 @@ class SmoothQuant(Transform):
         observe pass's statistics, or ``act_max`` (in-pass)."""
         prev = module(m.prev)
         linears = tuple(module(n) for n in m.linears)
-        k = linears[0].in_features
+        k = linears[0].weight.shape[-1]  # (a router reads the same input)
         if hasattr(prev, "out_features"):  # a linear, float or (in-pass) already quantized
             if self.config.linear_alpha is None:
                 return None
@@ -231,7 +235,7 @@ class SmoothQuant(Transform):
                 return None
             act_max = torch.stack(stats).amax(dim=0)
         w_max = weight_absmax([module(n).weight for n in quantized])
-        return _Group(m.prev, prev, kind, tuple(m.linears), linears, quantized, act_max, w_max)
+        return _Group(m.prev, prev, kind, tuple(m.linears), linears, quantized, act_max, w_max, m.norm_offset)
 
     # ---------------------------------------------------------------- in-pass (one forward per block)
     def in_pass(self, block: nn.Module, ctx: Any) -> bool:
@@ -268,7 +272,7 @@ class SmoothQuant(Transform):
             barrier.divide_rows(g.prev, s)
             fold_scales(None, g.linears, s)
         else:
-            fold_scales(g.prev_module, g.linears, s)
+            fold_scales(g.prev_module, g.linears, s, g.norm_offset)
         self._record(ctx, g, s, alphas)
         return s
 
@@ -302,7 +306,7 @@ class SmoothQuant(Transform):
             log.info("%s: alpha=%s linear_alpha=%s", ctx.prefix, alphas["norm"], alphas["linear"])
         for g in groups:
             s = g.scales(alphas)
-            fold_scales(g.prev_module, g.linears, s)
+            fold_scales(g.prev_module, g.linears, s, g.norm_offset)
             self._record(ctx, g, s, alphas)
         smoothed = {n for g in groups for n in g.quantized}
         for n in ctx.linears:  # the other linears' inputs, for the outlier picture
@@ -358,7 +362,7 @@ class SmoothQuant(Transform):
         try:
             for g in groups:
                 s = g.scales(alphas)
-                fold_scales(g.prev_module, g.linears, s)
+                fold_scales(g.prev_module, g.linears, s, g.norm_offset)
                 amax.update({n: amax[n] / s for n in g.quantized if n in amax})
             for n, lin in ctx.linears.items():
                 a = amax.get(n)
@@ -379,7 +383,7 @@ def _submodule(block: nn.Module, name: str, ctx: Any) -> nn.Module:
         return block.get_submodule(name)
     except AttributeError as e:
         raise ValueError(f"{ctx.prefix}: the architecture preset names {name!r}, which the block does not have "
-                         "; fix its Architecture entry in ptqkit.models.ARCHITECTURES") from e
+                         "; fix its Architecture entry in ptqkit.architectures.ARCHITECTURES") from e
 
 
 @torch.no_grad()
@@ -405,7 +409,9 @@ def smooth_model(
     path, blocks = find_blocks(model)
     arch = architecture(model)
     device = next(model.parameters()).device
-    linears = [find_linears(b, ignore, f"{path}.{i}.") for i, b in enumerate(blocks)]
+    for b in blocks:
+        prepare_block(b, arch)
+    linears = [find_linears(b, ignore, f"{path}.{i}.", arch) for i, b in enumerate(blocks)]
     stats = [{n: ChannelMax() for n in lin} for lin in linears]
     handles = [m.register_forward_pre_hook(lambda mod, args, st=stats[i][n]: st.add(args[0]))
                for i, lin in enumerate(linears) for n, m in lin.items()]

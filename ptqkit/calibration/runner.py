@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from .. import distributed, estimate
 from ..algorithms.base import Algorithm, BlockContext, Quantizer, Transform
 from ..checks import check_finite
-from ..models import architecture, find_blocks, find_linears
+from ..experts import Experts
+from ..architectures import architecture, find_blocks, find_linears, prepare_block
 from . import host
 from .data import CalibrationSet
 from .sequencer import observe_pass, quantize_pass
@@ -129,7 +130,7 @@ def _block(block: nn.Module, prefix: str, steps: Sequence[Algorithm], ctx: Block
         fp_outs, ctx.stats = observe_pass(t, block, ctx.linears, lambda: ctx.forward(block))
         t.apply(block, ctx)
         ctx.stats = {}
-        ctx.linears = find_linears(block, ignore, prefix)  # a transform may have replaced modules
+        ctx.linears = find_linears(block, ignore, prefix, ctx.arch)  # a transform may have replaced modules
     if fp_outs is not None and pipeline == "fp-outputs":
         for name, m in ctx.linears.items():  # AutoAWQ's order: the next block gets this block's fp outputs
             block.set_submodule(name, q.quantize(prefix + name, m))
@@ -155,11 +156,13 @@ def _data_free(model: nn.Module, quantizer: Quantizer, ignore: list[str] | None,
                offloaded: host.WeightsMaps | None) -> None:
     """Quantize every linear of the decoder blocks without calibration data (RTN)."""
     path, blocks = find_blocks(model)
+    arch = architecture(model)
     for i, block in enumerate(tqdm(blocks, desc=f"{quantizer.name}: blocks", unit="block")):
         prefix = f"{path}.{i}."
         if offloaded:
             host.load_offloaded_(block, offloaded)
-        for name, m in find_linears(block, ignore, prefix).items():
+        prepare_block(block, arch)
+        for name, m in find_linears(block, ignore, prefix, arch).items():
             block.set_submodule(name, quantizer.quantize(prefix + name, m))
 
 
@@ -177,12 +180,14 @@ def _shard(calib: CalibrationSet, device: torch.device, info: dict[str, Any]) ->
 
 def run(model: nn.Module, calib: CalibrationSet | None, steps: Sequence[Algorithm], ignore: list[str] | None = None,
         device: str | torch.device | None = None, batch_size: int = 8, pipeline: str = "sequential",
-        offload_activations: bool = False) -> dict[str, Any]:
+        offload_activations: bool = False, calibrate_all_experts: bool = False) -> dict[str, Any]:
     """Apply a recipe (transforms then one quantizer) block by block; returns timing facts.
 
     ``device``: where each block runs (default: where the model is). ``offload_activations``
     keeps block inputs on the host between blocks (for models bigger than the device). A model
-    offloaded to disk by accelerate is read in one block at a time (:mod:`.host`).
+    offloaded to disk by accelerate is read in one block at a time (:mod:`.host`). Every block is first
+    brought to plain linears (``architectures.prepare_block``); ``calibrate_all_experts``: routed experts see
+    every calibration token for their statistics (``ptqkit.experts``).
     """
     pipeline = _check(steps, calib, pipeline)
     path, blocks = find_blocks(model)
@@ -208,10 +213,16 @@ def run(model: nn.Module, calib: CalibrationSet | None, steps: Sequence[Algorith
         tb, prefix = time.perf_counter(), f"{path}.{i}."
         if offloaded:
             host.load_offloaded_(block, offloaded)
+        prepare_block(block, arch)
         block.to(device)
-        ctx = BlockContext(i, prefix[:-1], find_linears(block, ignore, prefix), inputs, kwargs, device, arch,
+        experts = [m for m in block.modules() if isinstance(m, Experts)]
+        for m in experts:
+            m.calibrate_all = calibrate_all_experts
+        ctx = BlockContext(i, prefix[:-1], find_linears(block, ignore, prefix, arch), inputs, kwargs, device, arch,
                            steps[-1].config)
         inputs = _block(block, prefix, steps, ctx, ignore, pipeline, on_barrier)
+        for m in experts:
+            m.calibrate_all = False
         check_finite(inputs, f"block {prefix[:-1]}")
         block.to(home)
         info["blocks"].append({"index": i, "seconds": time.perf_counter() - tb})

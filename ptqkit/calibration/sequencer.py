@@ -165,6 +165,7 @@ class Sequencer:
         for w, arrivals in self.waiting.items():
             # batch order, not arrival order: fp32 statistics (Hessian sums) are bit-identical run to run
             arrivals.sort(key=lambda item: item[0])
+            self._count(w, arrivals)
             shared = self._shared(arrivals)
             w.quantize(shared.stats if shared is not None else self._new_input(w, arrivals))
         # the woken threads count as running from now on, before they get the lock back
@@ -172,9 +173,15 @@ class Sequencer:
         self.waiting.clear()
         self.cond.notify_all()
 
+    def _count(self, w: Wrapped, arrivals: list[tuple[int, torch.Tensor]]) -> None:
+        """Calibration tokens that reached ``w`` (routed experts see only theirs), for the report."""
+        st = self.q.stats.setdefault(w.name, {})
+        st["calibration_tokens"] = st.get("calibration_tokens", 0) + sum(x.numel() // x.shape[-1] for _, x in arrivals)
+
     def _observe(self, w: Wrapped, x: torch.Tensor) -> None:
         """Observe-only: this batch's input into ``w``'s statistics (shared with the previous reader)."""
         b = self.local.batch
+        self._count(w, [(b, x)])
         cur = self.current.get(b)
         if cur is not None and cur.raw is x:
             w.stats = cur.stats
@@ -246,6 +253,7 @@ class Sequencer:
                 continue
             if not self.observe_only:
                 log.warning("%s saw no calibration input; quantized without statistics", w.name)
+                self.q.stats.setdefault(w.name, {})["calibration_tokens"] = 0
             w.quantize(w.stats if w.stats is not None else self.q.new_stats())
             w.stats = None
 

@@ -59,6 +59,8 @@ def save(model: nn.Module, path: str | os.PathLike, format: str = "native", toke
     if fmt not in SAVERS:
         raise ValueError(f"unknown format {format!r}: choose one of {sorted(SAVERS)}")
     check_output(path, overwrite, source_dirs(model), "checkpoint path")
+    if kw.get("dtype") is None:  # the dtype the model is published in (bf16 for the default), not the fp32 of calibration
+        kw["dtype"] = getattr(model, "ptqkit_source_dtype", None)
     return SAVERS[fmt](model, path, tokenizer=tokenizer, report=report, **kw)
 
 

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..architectures import architecture, hub_name, module_name, prepare_model
 from ..files import atomic_dir, read_json
 from ..layers import QuantLinear, QuantLinearW8A8
 
@@ -144,7 +145,8 @@ def write_checkpoint(path: str | os.PathLike, model: nn.Module, tensors: dict[st
                           dtype=dtype)
         if extra is not None:
             extra(tmp)
-        save_tensors(tensors, tmp, max_shard_size)
+        arch = architecture(model)  # the family's hub names (per-expert projections, Mixtral's block_sparse_moe)
+        save_tensors({hub_name(k, arch): v for k, v in tensors.items()}, tmp, max_shard_size)
     return Path(path).resolve()
 
 
@@ -232,7 +234,6 @@ def finish_load(model: nn.Module, state: dict[str, torch.Tensor], directory: Pat
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     model.ptqkit_info = info
-    model.config.use_cache = False
     return model.eval().to(device)
 
 
@@ -295,6 +296,9 @@ def start_load(path: Path, dtype: torch.dtype | None) -> tuple[dict[str, torch.T
     """The checkpoint's tensors, an empty full-precision model and the dtype it was built in."""
     state = load_tensors(path)
     model = empty_model(path, dtype, state)
+    prepare_model(model)  # the plain-linear form the checkpoint was written from (experts one by one, no Conv1D)
+    arch = architecture(model)
+    state = {module_name(k, arch): v for k, v in state.items()}
     return state, model, next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..architectures import architecture, hub_name, kept_modules, module_name
 from ..layers import QuantLinear, QuantLinearW8A8
 from ..packing import pack
 from .common import (
@@ -113,18 +114,21 @@ def save_compressed_tensors(model: nn.Module, path: str | os.PathLike, tokenizer
         spec, fmt = layer_scheme(name, m)
         key = json.dumps([spec, fmt], sort_keys=True)
         groups.setdefault(key, (spec, fmt, []))[2].append(name)
-    fp_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    arch = architecture(model)  # names as the family's hub checkpoints write them
+    fp_linears = [hub_name(n, arch) for n in dict.fromkeys(
+        [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] + kept_modules(model))]
     single = len(groups) == 1
     schemes, tensors = {}, float_tensors(model, dtype)
     for i, (spec, fmt, names) in enumerate(groups.values()):
-        scheme = QuantizationScheme(targets=["Linear"] if single else names, format=fmt, **spec)
+        scheme = QuantizationScheme(targets=["Linear"] if single else [hub_name(n, arch) for n in names], format=fmt,
+                                    **spec)
         schemes[f"group_{i}"] = scheme
         for name in names:
             add_layer_tensors(tensors, name, compress_layer(layers[name], scheme, fmt), dtype)
     formats = {fmt for _, fmt, _ in groups.values()}
     fmt = formats.pop() if len(formats) == 1 else "mixed-precision"
     qconfig = QuantizationConfig(config_groups=schemes, format=fmt, quantization_status="compressed",
-                                 ignore=fp_linears if single else [])
+                                 ignore=fp_linears)  # every full-precision linear: vLLM refuses one it cannot place
     out = write_checkpoint(path, model, tensors, "compressed-tensors", tokenizer, report, max_shard_size, dtype=dtype,
                            extra=lambda tmp: ModelCompressor(quantization_config=qconfig).update_config(str(tmp)))
     log.info("saved %d layers as compressed-tensors (%s) to %s", len(layers), qconfig.format, out)
@@ -210,9 +214,12 @@ def load_compressed_tensors(path: str | os.PathLike, device: str | torch.device 
     qconfig = parse_config(quantization_config(path) or {})
     state, model, dtype = start_load(path, dtype)
     keys = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "input_scale", "bias")
+    arch = architecture(model)
+    ignore = [module_name(n, arch) for n in qconfig.ignore or []]
     for scheme in qconfig.config_groups.values():
         fmt = scheme.format or qconfig.format
-        for name, lin in list(match_named_modules(model, scheme.targets, qconfig.ignore)):
+        targets = [module_name(t, arch) for t in scheme.targets]
+        for name, lin in list(match_named_modules(model, targets, ignore)):
             if not isinstance(lin, nn.Linear):
                 raise ValueError(f"{path}: {name} ({type(lin).__name__}) is quantized; ptqkit handles nn.Linear only")
             put_layer(model, name, build_layer(take_layer(state, name, keys), scheme, fmt, name, dtype), path)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..layers import QuantLinear
-from ..models import find_blocks
+from ..architectures import architecture, find_blocks, hub_name, kept_modules
 from ..packing import pack, unpack
 from .common import (
     DEFAULT_SHARD_SIZE,
@@ -164,12 +164,15 @@ def check_layer(name: str, m: nn.Module, bits: int, group_size: int, version: st
 
 
 def skipped_block_linears(model: nn.Module) -> list[str]:
-    """Full names of full-precision ``nn.Linear`` layers inside the decoder blocks."""
+    """Full names (the hub's) of the full-precision layers inside the decoder blocks: ignored linears, and the
+    routers and 1-output gates kept by rule."""
     try:
         path, _ = find_blocks(model)
     except ValueError:
         return []
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(path + ".")]
+    arch = architecture(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(path + ".")]
+    return [hub_name(n, arch) for n in dict.fromkeys(names + kept_modules(model))]
 
 
 def gptq_config(bits: int, group_size: int, desc_act: bool, sym: bool, version: str,

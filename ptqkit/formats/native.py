@@ -37,15 +37,18 @@ def layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 def save_native(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None,
                 extra: dict[str, Any] | None = None, report: Any = None,
-                max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
+                max_shard_size: int | str = DEFAULT_SHARD_SIZE, dtype: torch.dtype | None = None) -> Path:
     """Write ``model`` (quantized or not) to ``path`` in ptqkit's layout; returns the path.
 
     Over ``max_shard_size`` the tensors go to shards with a ``model.safetensors.index.json``;
-    ``report`` (an evaluation Report or a dict) is stored in ``ptqkit_report.json``.
+    ``report`` (an evaluation Report or a dict) is stored in ``ptqkit_report.json``; ``dtype`` casts the
+    float tensors (scales included).
     """
     meta = {"format": "ptqkit", "version": FORMAT_VERSION, "layers": layer_specs(model),
             "info": getattr(model, "ptqkit_info", {}), **(extra or {})}
-    return write_checkpoint(path, model, unique_state_dict(model), "native", tokenizer, report, max_shard_size,
+    tensors = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+               for k, v in unique_state_dict(model).items()}
+    return write_checkpoint(path, model, tensors, "native", tokenizer, report, max_shard_size, dtype=dtype,
                             extra=lambda tmp: (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=2, default=str)))
 
 
