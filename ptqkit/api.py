@@ -92,6 +92,8 @@ def _info(model: nn.Module, name: str, steps: list, calib: Any, info: dict[str, 
         "layers": _merge_stats(steps),
         "coverage": checks.coverage(model),
     }
+    if info.get("whole_model"):  # e.g. {"rotate": {"r1": 576, "r2": 64, ...}}
+        out["whole_model"] = info["whole_model"]
     experts = _experts(out["layers"])
     if experts:
         out["experts"] = {**experts, "calibrate_all": config["calibrate_all_experts"]}
@@ -120,10 +122,11 @@ def _merge_stats(steps: list) -> dict[str, dict[str, Any]]:
     return layers
 
 
-def save(model: nn.Module, path: str | os.PathLike, format: str = "native", tokenizer: Any = None,
+def save(model: nn.Module, path: str | os.PathLike, format: str = "auto", tokenizer: Any = None,
          report: Any = None, overwrite: bool = False, **kw: Any) -> Path:
-    """Write a (quantized) model to ``path`` atomically in ``format`` (native, gptq, awq,
-    compressed-tensors); ``report`` (an evaluation Report or a dict of metrics) goes into the
+    """Write a (quantized) model to ``path`` atomically in ``format`` (``auto``: the format the most serving
+    engines read, usually compressed-tensors; or native, gptq, awq, compressed-tensors), in the dtype the
+    model is published in unless ``dtype=`` says otherwise; ``report`` (an evaluation Report or a dict of metrics) goes into the
     checkpoint's ``ptqkit_report.json`` with the recipe and calibration fingerprint, in the same write.
     An existing ``path`` is replaced only with ``overwrite=True``, and only when it is a ptqkit output;
     never the current directory, one above it, or the model's own directory.
@@ -156,12 +159,14 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     return formats.load(path, device=device, dtype=dtype)
 
 
-def model_size_mb(model: nn.Module) -> float:
-    """Bytes of all parameters and buffers (shared storage counted once), in MB."""
+def model_size_mb(model: nn.Module, dtype: torch.dtype | None = None) -> float:
+    """Bytes of all parameters and buffers (shared storage counted once), in MB; with ``dtype``, float
+    tensors are counted at that dtype (what a checkpoint written in it holds)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         ptr = t.untyped_storage().data_ptr()
         if ptr not in seen:
             seen.add(ptr)
-            total += t.numel() * t.element_size()
+            size = dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size()
+            total += t.numel() * size
     return total / 2**20

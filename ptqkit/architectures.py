@@ -37,6 +37,18 @@ class Mapping:
 
 
 @dataclass(frozen=True)
+class Rotation:
+    """Where an orthogonal rotation of the residual stream folds into the weights (QuaRot's R1 and R2): the
+    RMSNorms (their scales folded into their readers first, from the mappings), the linears that write the
+    residual stream, the final norm, and the value / output projections of the per-head rotation."""
+
+    norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    value: tuple[str, str] | None = ("self_attn.v_proj", "self_attn.o_proj")
+    final_norm: str = "model.norm"
+
+
+@dataclass(frozen=True)
 class Architecture:
     """What the toolkit needs to know of a decoder-only family."""
 
@@ -45,6 +57,7 @@ class Architecture:
     experts: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert names on the hub
     renames: tuple[tuple[str, str], ...] = ()        # module path fragment -> the hub's, in checkpoints
     keep: tuple[str, ...] = ()                       # block weights never quantized (routers), as regexes
+    rotation: Rotation | None = None                 # None: the residual stream cannot be rotated offline
 
 
 def _llama(norm_offset: float = 0.0, mlp_norm: str = "post_attention_layernorm") -> tuple[Mapping, ...]:
@@ -68,14 +81,15 @@ def _moe(experts: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"), 
     return attn + (Mapping("post_attention_layernorm", tuple(readers), "mlp", tokenwise=True),) + tail
 
 
-_LLAMA = Architecture("model.layers", _llama())
+_LLAMA = Architecture("model.layers", _llama(), rotation=Rotation())
 _ROUTERS = (r".*\.gate$", r".*shared_expert_gate$")
 ARCHITECTURES: dict[str, Architecture] = {
     **{t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3")},
-    "gemma": Architecture("model.layers", _llama(1.0)),
+    "gemma": Architecture("model.layers", _llama(1.0), rotation=Rotation()),  # x·√H embedding scale commutes
     **{t: Architecture("model.layers", _llama(1.0, "pre_feedforward_layernorm")) for t in ("gemma2", "gemma3_text")},
     "phi3": Architecture("model.layers", (Mapping("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
-                                          Mapping("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp", True))),
+                                          Mapping("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp", True)),
+                         rotation=Rotation(value=None)),  # fused qkv: the residual stream only
     "opt": Architecture("model.decoder.layers", (
         Mapping("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
         Mapping("self_attn.v_proj", ("self_attn.out_proj",)), Mapping("final_layer_norm", ("fc1",)),

@@ -10,84 +10,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import api, checks, distributed, formats, models
-from .calibration.runner import PIPELINES
 from .estimate import peak_memory_mb
 from .files import check_output
 from .api import load_model
-from .models import DEFAULT_MODEL
+from .cli_options import _Help, _add_estimate_parser, _add_eval, _add_grid, _add_job_parsers, _add_model, _add_run
 
 log = logging.getLogger("ptqkit")
-
-
-# ------------------------------------------------------------------ option groups (defined once)
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers (e.g. 4,3), got {text!r}") from err
-
-
-def _add_model(p: argparse.ArgumentParser, what: str = "model to quantize") -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"{what}: hub id, local HF directory, .gguf file, or the embedded default")
-
-
-def _add_grid(p: argparse.ArgumentParser, many: bool = False) -> None:
-    """The weight grid and the options routed to the recipe's steps."""
-    if many:
-        p.add_argument("--bits", type=_ints, default="4", help="comma-separated weight bits (e.g. 4,3)")
-        p.add_argument("--group-size", type=_ints, default="128", help="comma-separated group sizes; -1 = per channel")
-    else:
-        p.add_argument("--bits", type=int, default=None, help="weight bits, 2-8 (default 4; 8 for smoothquant)")
-        p.add_argument("--group-size", type=int, default=None,
-                       help="group length along the input dim; -1 = per channel (default 128)")
-    sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric grid (default)")
-    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid with zero points")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a method option, repeatable (e.g. act_order=true, alpha=0.8, damp=0.01)")
-    p.add_argument("--ignore", action="append", default=[], metavar="NAME",
-                   help="keep this layer in full precision (full name or re:REGEX), repeatable; lm_head is always kept")
-
-
-def _add_run(p: argparse.ArgumentParser, data: bool = True) -> None:
-    """How the calibration runs (``data``: with the calibration source and seed)."""
-    if data:
-        p.add_argument("--calibration", default="builtin",
-                       help="calibration text: builtin (offline), wikitext2, c4, pile-val, or a .txt/.jsonl/.parquet file")
-        p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling")
-    p.add_argument("--num-samples", type=int, default=128, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward batch")
-    p.add_argument("--pipeline", default="sequential", choices=PIPELINES,
-                   help="sequential: one pass per block, each layer sees quantized predecessors; two-pass: less "
-                        "memory; fp-outputs: AWQ/SmoothQuant + RTN propagate fp block outputs (AutoAWQ's order)")
-    p.add_argument("--device", default=None, help="where blocks run (cpu, cuda, cuda:1); default: the model's device")
-    p.add_argument("--offload-activations", action="store_true",
-                   help="keep block inputs/outputs on the host between blocks (models bigger than the device)")
-
-
-def _add_eval(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("evaluation (docs/comparison.md protocol)")
-    g.add_argument("--eval-dataset", default="builtin",
-                   help="text to evaluate on: builtin (offline, held out from calibration), wikitext2, c4, pile-val or a file")
-    g.add_argument("--eval-seqlen", type=int, default=2048, help="window length in tokens")
-    g.add_argument("--max-eval-windows", type=int, default=None, help="evaluate only the first N windows")
-
-
-def _add_job_parsers(sub: Any) -> None:
-    r = sub.add_parser("run", help="run one job file (model, calibration, recipe, evaluation, output)")
-    r.add_argument("job", help="job YAML file (see examples/recipe.yaml)")
-    r.add_argument("--force", action="store_true", help="rerun even if the output holds this finished job (replaces it)")
-    r.add_argument("--overwrite", action="store_true", help="replace an output that holds another ptqkit job")
-    r.add_argument("--check", action="store_true", help="only validate the file")
-    b = sub.add_parser("batch", help="run a list of jobs; failures are recorded and the batch goes on")
-    b.add_argument("jobs", help="batch YAML file (see examples/jobs.yaml)")
-    b.add_argument("--index", type=int, default=None, help="run only job N (0-based), e.g. $SLURM_ARRAY_TASK_ID")
-    b.add_argument("--force", action="store_true", help="rerun finished jobs (replaces their outputs)")
-    b.add_argument("--overwrite", action="store_true", help="replace outputs that hold other ptqkit jobs")
-    b.add_argument("--check", action="store_true", help="only validate the file (and list the jobs)")
-    b.add_argument("--summary", default=None, help="write every job's result to this JSON file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _Help
 
     q = sub.add_parser("quantize", help="quantize a model, compare it with the original and save it", formatter_class=fmt)
     _add_model(q)
@@ -113,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the check of the memory estimate (ptqkit estimate) against free memory")
     q.add_argument("--output", default=None, help="output directory (default ptqkit-out/<model>-<method>-w<bits>g<group>)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing ptqkit checkpoint at --output")
-    q.add_argument("--format", default="native", choices=sorted(formats.SAVERS), help="checkpoint format")
+    q.add_argument("--format", default="auto", choices=formats.FORMATS,
+                   help="checkpoint format; auto: the one the most serving engines read (compressed-tensors where it "
+                        "can hold the scheme; docs/serving.md)")
+    q.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                   help="float dtype on disk (auto: the dtype the model is published in)")
     q.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
     q.add_argument("--no-save", action="store_true", help="do not write the quantized model")
     _add_eval(q)
@@ -134,19 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_grid(c, many=True)
     _add_run(c)
     c.add_argument("--output", default="ptqkit-compare", help="directory for results.json, results.md, plots, runs/")
-    c.add_argument("--save", default=None, choices=sorted(formats.SAVERS), help="also save every quantized model")
+    c.add_argument("--save", default=None, choices=formats.FORMATS, help="also save every quantized model")
     c.add_argument("--force", action="store_true", help="redo finished combinations")
     c.add_argument("--keep-cache", action="store_true", help="keep the cached unquantized logits after the run")
     _add_eval(c)
 
     _add_job_parsers(sub)
-    s = sub.add_parser("estimate", help="peak device and host memory of a quantize run, from the model config alone",
-                       formatter_class=fmt)
-    _add_model(s)
-    s.add_argument("--method", default=api.DEFAULT_METHOD, help="algorithm or comma-separated recipe (as for quantize)")
-    _add_run(s, data=False)
-    s.add_argument("--max-host-memory", default=None, metavar="SIZE",
-                   help="a disk-offloaded run (quantize --offload-folder) with this much of the weights in host memory")
+    _add_estimate_parser(sub, api.DEFAULT_METHOD)
     return parser
 
 
@@ -233,6 +159,12 @@ def _evaluate(args: argparse.Namespace, model: Any, tok: Any, baseline: Any, ids
     return rep
 
 
+def _dtype(name: str) -> Any:
+    import torch
+
+    return None if name == "auto" else getattr(torch, name)
+
+
 def _model_name(model: str) -> str:
     """A directory-name form of the model: ``smollm2-135m``, ``org--name``, a path's last part."""
     p = Path(model)
@@ -247,6 +179,23 @@ def _check_eval(args: argparse.Namespace) -> None:
         raise ValueError(f"--eval-seqlen {args.eval_seqlen}: a window needs at least 2 tokens (one to predict)")
     checks.check_positive(max_eval_windows=args.max_eval_windows)
     check_source(args.eval_dataset, "--eval-dataset")
+
+
+def _servable_groups(method: Any, options: dict[str, Any], steps: list, shape: Any) -> list:
+    """The grid with the default group size, or, when the model's widths are not multiples of it, the largest
+    of 128 / 64 / 32 that divides them all (a checkpoint engines read needs whole groups)."""
+    from .config import build_recipe
+
+    q = steps[-1].config
+    widths = {k for k, _ in shape.linear_shapes().values()}
+    if q.activations or q.group_size == -1 or all(k % q.group_size == 0 for k in widths):
+        return steps
+    size = next((g for g in (128, 64, 32) if all(k % g == 0 for k in widths)), None)
+    if size is None:
+        return steps
+    log.info("group size %d: the model's widths %s are multiples of it (not of %d)", size, sorted(widths), q.group_size)
+    options["group_size"] = size
+    return build_recipe(method, options)
 
 
 def _plan(args: argparse.Namespace) -> tuple[Any, dict[str, Any], list, Path, int | None]:
@@ -267,13 +216,15 @@ def _plan(args: argparse.Namespace) -> tuple[Any, dict[str, Any], list, Path, in
     if args.max_host_memory is not None and args.offload_folder is None:
         raise ValueError("--max-host-memory needs --offload-folder (the weights that do not fit go there)")
     budget = None if args.max_host_memory is None else estimate.parse_size(args.max_host_memory, "--max-host-memory")
+    shape = _shape(args.model)
+    if shape is not None and args.group_size is None and "group_size" not in options:
+        steps = _servable_groups(method, options, steps, shape)
     q = steps[-1].config
     grid = "w8a8" if q.activations else f"w{q.bits}" + ("pc" if q.group_size == -1 else f"g{q.group_size}")
     out = Path(args.output or f"ptqkit-out/{_model_name(args.model)}-{'+'.join(s.name for s in steps)}-{grid}")
     if not args.no_save:
         source = models.resolve_model_path(args.model)
         check_output(out, args.overwrite, [source] if Path(source).is_dir() else [], "--output")
-        shape = _shape(args.model)
         if shape is not None:
             formats.check_plan(args.format, q, shape.linear_shapes())
     if not args.no_memory_check:
@@ -298,7 +249,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     eval_ids = load_eval_ids(args.eval_dataset, tok) if evaluate_fp else None
     # the unquantized model to compare with: a copy now, or (offloaded) a second offloaded load afterwards
     baseline = copy.deepcopy(model) if evaluate_fp and not args.offload_folder else None
-    size_fp = api.model_size_mb(model)
+    disk_dtype = _dtype(args.dtype) or getattr(model, "ptqkit_source_dtype", None)  # sizes as written
+    size_fp = api.model_size_mb(model, disk_dtype)
     t = time.perf_counter()
     api.quantize(model, method, tokenizer=tok, calibration=calib, seed=args.seed, ignore=args.ignore or None,
                  device=args.device, batch_size=args.batch_size, pipeline=args.pipeline,
@@ -313,13 +265,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     del baseline
     if not main_rank:
         if not args.no_save:  # rank 0 writes; the others wait for it at the barrier inside save
-            api.save(model, out, format=args.format, tokenizer=tok, overwrite=args.overwrite)
+            api.save(model, out, format=args.format, tokenizer=tok, overwrite=args.overwrite, dtype=_dtype(args.dtype))
         return 0
-    print(_table(rep, times, size_fp, api.model_size_mb(model), model.ptqkit_info["coverage"]["quantized_share"]))
+    print(_table(rep, times, size_fp, api.model_size_mb(model, disk_dtype),
+                 model.ptqkit_info["coverage"]["quantized_share"]))
     print("peak memory (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in peak_memory_mb().items()))
     if not args.no_save:  # report: in the same atomic write
-        api.save(model, out, format=args.format, tokenizer=tok, report=rep, overwrite=args.overwrite)
-        print(f"saved to {out} ({args.format}); load with ptqkit.load({str(out)!r})")
+        api.save(model, out, format=args.format, tokenizer=tok, report=rep, overwrite=args.overwrite,
+                 dtype=_dtype(args.dtype))
+        print(f"saved to {out} ({formats.served_by(model, out)}; docs/serving.md); ptqkit.load({str(out)!r}) reads it")
     return 0
 
 
@@ -375,11 +329,13 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def cmd_estimate(args: argparse.Namespace) -> int:
     from . import estimate
     from .config import build_recipe
+    from .jobs.spec import parse_options
 
     budget = None if args.max_host_memory is None else estimate.parse_size(args.max_host_memory, "--max-host-memory")
     models.check_weight_files(models.resolve_model_path(args.model))  # a damaged download fails here, not later
     shape = estimate.ModelShape.from_config(estimate.load_config(args.model))
-    est = estimate.estimate(shape, **_estimate_kw(args, build_recipe(_method(args.method), {}), budget))
+    steps = build_recipe(_method(args.method), parse_options(args.option, "--option"))
+    est = estimate.estimate(shape, **_estimate_kw(args, steps, budget))
     print(f"{args.model}: {args.method}, {args.num_samples} x {args.seqlen} tokens, batch {args.batch_size}, "
           f"{args.pipeline}{', activations on the host' if args.offload_activations else ''}"
           f"{f', weights on disk beyond {args.max_host_memory}' if args.max_host_memory is not None else ''}")
@@ -394,8 +350,8 @@ COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every failure reaches the user as one line and exit status 2 (``--debug``: traceback)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ptqkit").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         checks.check_env()
         return COMMANDS[args.command](args)

@@ -30,6 +30,24 @@ MARKERS = ("ptqkit_report.json", "ptqkit_quant.json", "ptqkit_job.json", "result
 _RENAME_EXCHANGE, _AT_FDCWD = 2, -100
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``os.umask`` sets it to read it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def plain_mode(path: Path, directory: bool = False) -> None:
+    """Give a ``mkstemp``/``mkdtemp`` result (0600/0700) the mode a plain ``open``/``mkdir`` would."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def check_output(path: str | os.PathLike, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (),
                  what: str = "output") -> Path:
     """``path`` resolved, or a ``ValueError`` naming the problem and the fix (see the module docstring)."""
@@ -65,6 +83,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     os.close(fd)
     tmp = Path(name)
+    plain_mode(tmp)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -139,6 +158,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
+    plain_mode(tmp, directory=True)
     try:
         yield tmp
         if not final.exists():

@@ -385,7 +385,7 @@ def smol_w4(smollm2_factory):
 def test_smollm2_w4_format_roundtrip_identical(tmp_path, smol_w4, fmt):
     """ptqkit -> format -> ptqkit.load: identical integer codes, zero points, scales and logits."""
     q, tok, ids, ref = smol_w4
-    loaded = ptqkit.load(ptqkit.save(q, tmp_path / fmt, format=fmt, tokenizer=tok))
+    loaded = ptqkit.load(ptqkit.save(q, tmp_path / fmt, format=fmt, tokenizer=tok, dtype=torch.float32))
     assert len(common.quant_layers(loaded)) == 30 * 7
     assert_same_layers(q, loaded)
     assert torch.equal(logits(loaded, ids), ref)
@@ -396,7 +396,7 @@ def test_smollm2_w4_compressed_tensors_in_plain_transformers(tmp_path, smol_w4):
     """Plain transformers (compressed-tensors installed) loads ptqkit's compressed-tensors SmolLM2
     on the CPU: its decompressed weights are ptqkit's exactly and the logits match to fp tolerance."""
     q, tok, ids, ref = smol_w4
-    path = ptqkit.save(q, tmp_path / "ct", format="compressed-tensors", tokenizer=tok)
+    path = ptqkit.save(q, tmp_path / "ct", format="compressed-tensors", tokenizer=tok, dtype=torch.float32)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     torch.testing.assert_close(logits(hf, ids), ref, rtol=1e-4, atol=1e-4)
     for name, m in common.quant_layers(q).items():   # decompressed by the first forward
@@ -415,7 +415,7 @@ def test_smollm2_w8a8_compressed_tensors_in_transformers(tmp_path, smollm2):
     ids = tok(builtin_text("evaluation")[:4000], return_tensors="pt")["input_ids"][:, :256]
     fp = logits(model, ids)
     q = ptqkit.quantize(model, "rtn", tokenizer=tok, bits=8, group_size=-1, sym=True, activations="dynamic")
-    path = ptqkit.save(q, tmp_path / "w8a8", format="compressed-tensors")
+    path = ptqkit.save(q, tmp_path / "w8a8", format="compressed-tensors", dtype=torch.float32)
     loaded = ptqkit.load(path)
     assert_same_layers(q, loaded)
     ref = logits(q, ids)

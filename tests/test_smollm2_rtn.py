@@ -33,7 +33,7 @@ def test_w4_g64_rtn_costs_more_than_w8(smollm2, _smollm2_once):
 def test_saved_and_reloaded_model_gives_identical_logits(smollm2, tmp_path):
     model, tok = smollm2
     q = ptqkit.quantize(model, "rtn", bits=3, group_size=128)  # 576 = 4×128 + 64: ragged groups
-    path = ptqkit.save(q, tmp_path / "w3", tokenizer=tok)
+    path = ptqkit.save(q, tmp_path / "w3", tokenizer=tok, dtype=torch.float32)
     loaded = ptqkit.load(path)
     ids = torch.tensor([tok("Quantization keeps the model small and fast.")["input_ids"]])
     with torch.no_grad():

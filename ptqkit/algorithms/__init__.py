@@ -1,6 +1,7 @@
 """Built-in algorithms; importing this package registers them."""
 from . import (  # noqa: F401
     awq,
+    rotate,
     gptq,  # noqa: F401
     rtn,
     smoothquant,  # noqa: F401

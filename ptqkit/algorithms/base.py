@@ -70,6 +70,7 @@ class BlockContext:
     arch: Any                                # ptqkit.architectures.Architecture
     qargs: Any                               # the quantizer's config (bits, group_size, sym, ...)
     stats: dict[str, Any] = field(default_factory=dict)  # linear -> statistics of its input (observe pass)
+    targets: dict[str, list[torch.Tensor]] | None = None  # asymmetric calibration: the fp model's linear inputs
     _found: tuple | None = field(default=None, repr=False)
 
     def mappings(self, block: nn.Module) -> tuple:
@@ -163,6 +164,14 @@ class Transform(Algorithm):
     kind = "transform"
     #: quantizer defaults this transform implies unless the user sets them (SmoothQuant: W8A8)
     quantizer_defaults: ClassVar[dict[str, Any]] = {}
+    #: True: the transform rewrites the whole model once before calibration (``prepare_model``; a rotation)
+    #: and takes no part in the blocks' passes
+    whole_model: ClassVar[bool] = False
+
+    def prepare_model(self, model: nn.Module) -> dict[str, Any]:
+        """A whole-model transform: rewrite ``model`` in place before the first block is calibrated; returns
+        what was done (for the report)."""
+        return {}
 
     def apply(self, block: nn.Module, ctx: BlockContext) -> None:
         raise NotImplementedError

@@ -24,6 +24,7 @@ from .. import distributed
 from ..quant import STRICT, quantize_weight
 from ..registry import register
 from .base import ActMax, Memory, Quantizer, QuantizerConfig, check_weight
+from .gptaq_math import asymmetric_map, cross_gram
 from .gptq_math import (
     CholeskyError,
     PreparedHessian,
@@ -48,6 +49,9 @@ class GPTQConfig(QuantizerConfig):
       up front (checkpoint in original order, no run-time reordering); ``False`` forms groups along
       the processing order and stores a permutation (GPTQ's ``g_idx`` form);
     - ``true_sequential``: calibrate each linear on the outputs of its already-quantized predecessors;
+    - ``gptaq``: asymmetric calibration (GPTAQ, Li et al., ICML 2025): each linear aims at the fp model's
+      output on the fp model's own input, not at its float weight on the quantized stream's input; the runner
+      also propagates the fp stream (one more forward per block, its inputs held: see ``memory``);
     - ``min_tokens``: a linear that fewer calibration tokens reached (a rarely routed expert) is quantized with
       round-to-nearest instead (recorded in its stats);
     - ``mse``: search a clipping ratio per group instead of the min/max range; ``mse_weighting``
@@ -67,6 +71,7 @@ class GPTQConfig(QuantizerConfig):
     true_sequential: bool = True
     mse_weighting: Literal["hessian", "uniform"] = "hessian"
     min_tokens: Annotated[int, Field(ge=0)] = 8
+    gptaq: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -86,11 +91,16 @@ class Hessian(ActMax):
         self.seconds = 0.0                         # accumulation time (reported with the first reader)
         self.prepared: PreparedHessian | None = None
         self.reduced = False                       # data-parallel: summed over ranks already
+        self.cross: torch.Tensor | None = None     # asymmetric calibration: 2/n Σ x_fp x̃ᵀ
+        self.target_map: torch.Tensor | None = None  # and its W -> W* map, once computed
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, target: torch.Tensor | None = None) -> None:
+        """Fold one batch in; ``target``: the fp model's input for the same tokens (asymmetric calibration)."""
         t0 = time.perf_counter()
         if self.track_amax:
             super().add(x)
+        if target is not None:
+            self.cross, _ = accumulate_hessian(self.cross, self.count, cross_gram(target, x), x.numel() // x.shape[-1])
         gram, n = input_gram(x)
         self.hessian, self.count = accumulate_hessian(self.hessian, self.count, gram, n)
         self.seconds += time.perf_counter() - t0
@@ -105,6 +115,8 @@ def _all_reduce_hessian(st: Hessian, k: int, device: torch.device) -> None:
     hessian = st.hessian if st.hessian is not None else torch.zeros(k, k, device=device)
     total = int(distributed.all_reduce_float(st.count))
     distributed.all_reduce_(hessian.mul_(st.count))
+    if st.cross is not None:
+        st.cross = distributed.all_reduce_(st.cross.mul_(st.count)).div_(max(total, 1))
     st.hessian, st.count = (hessian.div_(total), total) if total else (None, 0)
 
 
@@ -125,6 +137,8 @@ class GPTQ(Quantizer):
         alive = min(batches, shape.experts) + 1 if shape.experts else 1  # routed: each paused batch its expert's
         stats = (8 * alive * max(widths) ** 2 if pipeline == "sequential"
                  else 4 * sum(k * k for k in widths) + 4 * max(widths) ** 2)
+        if self.config.gptaq:  # the cross terms, the fp model's inputs of every linear, the fp stream
+            stats += stats // 2 + 4 * tokens * (sum(widths) + shape.hidden)
         return Memory(statistics=stats, workspace=3 * 4 * shape.largest_linear() + 8 * max(widths) ** 2)
 
     def quantize(self, name: str, module: nn.Linear, stats: Hessian | None = None) -> nn.Module:
@@ -147,6 +161,12 @@ class GPTQ(Quantizer):
                 "layer overflowed or are NaN (run the model in float32, or check the layers before it)"
             )
         hessian = hessian.to(w.device)
+        if cfg.gptaq:
+            if st.cross is None:
+                raise RuntimeError(f"{name}: gptaq=True but the runner gave no fp inputs for this layer")
+            if st.target_map is None:  # once per input: q/k/v and gate/up share it
+                st.target_map = asymmetric_map(hessian, st.cross.to(w.device), cfg.damp)
+            w = w.float() @ st.target_map
         # the factorization and the clip search use every thread (benchmarks/gptq_math.py, 2-core CPU:
         # K = 1536 Cholesky 123 against 240 ms on one); the column loop runs on one (gptq_columns)
         reused = st.prepared is not None

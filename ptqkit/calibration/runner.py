@@ -37,7 +37,7 @@ from ..experts import Experts
 from ..architectures import architecture, find_blocks, find_linears, prepare_block
 from . import host
 from .data import CalibrationSet
-from .sequencer import observe_pass, quantize_pass
+from .sequencer import fp_inputs, observe_pass, quantize_pass
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _check(steps: Sequence[Algorithm], calib: CalibrationSet | None, pipeline: s
     *transforms, quantizer = steps
     if not isinstance(quantizer, Quantizer) or not all(isinstance(t, Transform) for t in transforms):
         raise ValueError("a recipe is transforms followed by exactly one quantizer")
-    if pipeline == "fp-outputs" and (quantizer.needs_data or not transforms):
+    if pipeline == "fp-outputs" and (quantizer.needs_data or not any(not t.whole_model for t in transforms)):
         raise ValueError(
             f"pipeline='fp-outputs' propagates the fp outputs of a transform's observe pass and needs a "
             f"data-free quantizer after it (AWQ or SmoothQuant then RTN); {[s.name for s in steps]} is not: "
@@ -116,10 +116,15 @@ def _check(steps: Sequence[Algorithm], calib: CalibrationSet | None, pipeline: s
 
 
 def _block(block: nn.Module, prefix: str, steps: Sequence[Algorithm], ctx: BlockContext,
-           ignore: list[str] | None, pipeline: str, on_barrier: Callable[[], None] | None) -> list[torch.Tensor]:
-    """Calibrate and quantize one block; returns the next block's inputs."""
+           ignore: list[str] | None, pipeline: str, on_barrier: Callable[[], None] | None,
+           fp: list | None = None) -> list[torch.Tensor]:
+    """Calibrate and quantize one block; returns the next block's inputs. ``fp``: ``[the fp model's inputs of
+    this block]`` for asymmetric calibration, replaced by its outputs (the next block's)."""
     *transforms, q = steps
+    transforms = [t for t in transforms if not t.whole_model]  # done before the first block
     in_pass = pipeline == "sequential" and bool(transforms) and all(t.in_pass(block, ctx) for t in transforms)
+    if fp is not None and in_pass:
+        fp[0], ctx.targets = fp_inputs(block, ctx.linears, ctx, fp[0])
     if in_pass:
         outs = quantize_pass(q, block, prefix, ctx.linears, ctx, in_pass=transforms, on_barrier=on_barrier)
         for t in transforms:
@@ -136,6 +141,8 @@ def _block(block: nn.Module, prefix: str, steps: Sequence[Algorithm], ctx: Block
             block.set_submodule(name, q.quantize(prefix + name, m))
         return [o.to(x.device) for o, x in zip(fp_outs, ctx.inputs)]
     del fp_outs
+    if fp is not None:  # after the transforms: the fp stream in the block's transformed (same-function) form
+        fp[0], ctx.targets = fp_inputs(block, ctx.linears, ctx, fp[0])
     return quantize_pass(q, block, prefix, ctx.linears, ctx, two_pass=pipeline == "two-pass", on_barrier=on_barrier)
 
 
@@ -190,12 +197,14 @@ def run(model: nn.Module, calib: CalibrationSet | None, steps: Sequence[Algorith
     every calibration token for their statistics (``ptqkit.experts``).
     """
     pipeline = _check(steps, calib, pipeline)
+    t0 = time.perf_counter()
+    # e.g. a rotation: it makes the model every block is then calibrated in
+    done = {t.name: t.prepare_model(model) for t in steps[:-1] if t.whole_model}
     path, blocks = find_blocks(model)
     offloaded = host.detach_offload(model, blocks)
     home = torch.device("cpu") if offloaded else next(model.parameters()).device
     device = torch.device(device) if device is not None else home
-    info: dict[str, Any] = {"blocks": [], "pipeline": pipeline, "disk_offload": bool(offloaded)}
-    t0 = time.perf_counter()
+    info: dict[str, Any] = {"blocks": [], "pipeline": pipeline, "disk_offload": bool(offloaded), "whole_model": done}
     if not any(s.needs_data for s in steps):
         _data_free(model, steps[-1], ignore, offloaded)
         info["quantize_s"] = time.perf_counter() - t0
@@ -204,6 +213,7 @@ def run(model: nn.Module, calib: CalibrationSet | None, steps: Sequence[Algorith
     arch, store = architecture(model), torch.device("cpu") if offload_activations else device
     inputs, kwargs = capture_inputs(model, calib, path, device, batch_size, store)
     info["capture_s"] = time.perf_counter() - t0
+    fp = [inputs] if getattr(steps[-1].config, "gptaq", False) else None  # the fp model's own stream
     on_barrier = None
     if device.type == "cpu":  # the host runs the blocks: free memory back to the kernel when it is tight
         on_barrier = host.trim_barriers(_run_bytes(model, steps, calib, batch_size, pipeline),
@@ -216,11 +226,15 @@ def run(model: nn.Module, calib: CalibrationSet | None, steps: Sequence[Algorith
         prepare_block(block, arch)
         block.to(device)
         experts = [m for m in block.modules() if isinstance(m, Experts)]
+        if experts and fp is not None:
+            raise ValueError(f"{prefix[:-1]} has routed experts: gptaq needs the same tokens at every linear in the "
+                             "fp and quantized streams, and routing differs between them; use gptaq=False")
         for m in experts:
             m.calibrate_all = calibrate_all_experts
         ctx = BlockContext(i, prefix[:-1], find_linears(block, ignore, prefix, arch), inputs, kwargs, device, arch,
                            steps[-1].config)
-        inputs = _block(block, prefix, steps, ctx, ignore, pipeline, on_barrier)
+        inputs = _block(block, prefix, steps, ctx, ignore, pipeline, on_barrier, fp)
+        ctx.targets = None
         for m in experts:
             m.calibrate_all = False
         check_finite(inputs, f"block {prefix[:-1]}")

@@ -152,10 +152,14 @@ class Sequencer:
                                        f"{len(arrivals)} of {self.n} reached it; use pipeline='two-pass'")
                 s = got if s is None else s * got
         stats = self.q.new_stats()
+        targets = self.ctx.targets.get(w.short) if self.ctx.targets is not None else None
         for b, x in arrivals:
             used = x if s is None else (x.float() / s.to(x.device)).to(x.dtype)
             self.current[b] = _Input(x, used, stats)
-            if stats is not None:
+            if stats is not None and targets is not None:  # asymmetric calibration: the fp model's input too
+                t = targets[b].to(x.device)
+                stats.add(used, t if s is None else (t.float() / s.to(x.device)).to(x.dtype))
+            elif stats is not None:
                 stats.add(used)
         return stats
 
@@ -188,7 +192,9 @@ class Sequencer:
             return
         if w.stats is None:
             w.stats = self.q.new_stats()
-        if w.stats is not None:
+        if w.stats is not None and self.ctx.targets is not None:
+            w.stats.add(x, self.ctx.targets[w.short][b].to(x.device))
+        elif w.stats is not None:
             w.stats.add(x)
         self.current.clear()  # one batch at a time: keep only its current input
         self.current[b] = _Input(x, x, w.stats)
@@ -287,6 +293,27 @@ def observe_pass(step: Transform, block: nn.Module, linears: dict[str, nn.Module
         for h in handles:
             h.remove()
     return outs, {n: st for n, st in stats.items() if st is not None}
+
+
+def fp_inputs(block: nn.Module, linears: dict[str, nn.Module], ctx: BlockContext,
+              inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+    """The float block on the fp model's own stream (``inputs``): its outputs per batch (the next block's fp
+    stream) and every linear's input per batch (asymmetric calibration's targets; readers of one tensor share
+    it)."""
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: seen[n].append(a[0])) for n, m in linears.items()]
+    try:
+        with torch.no_grad():
+            outs = [block_output(block(send_to_device(x, ctx.device), **send_to_device(kw, ctx.device))).to(x.device)
+                    for x, kw in zip(inputs, ctx.kwargs)]
+    finally:
+        for h in handles:
+            h.remove()
+    bad = [n for n, xs in seen.items() if len(xs) != len(inputs)]
+    if bad:
+        raise ValueError(f"{ctx.prefix}: {bad[:3]} are not called once per batch (routed experts?): gptaq needs "
+                         "the same tokens at a linear in the fp and quantized streams; use gptaq=False")
+    return outs, seen
 
 
 def quantize_pass(q: Quantizer, block: nn.Module, prefix: str, linears: dict[str, nn.Module], ctx: BlockContext,

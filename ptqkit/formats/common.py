@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..architectures import architecture, hub_name, module_name, prepare_model
-from ..files import atomic_dir, read_json
+from ..files import atomic_dir, plain_mode, read_json
 from ..layers import QuantLinear, QuantLinearW8A8
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ def save_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_si
 
     save_torch_state_dict({k: v.detach().cpu() for k, v in tensors.items()}, directory,
                           max_shard_size=max_shard_size, metadata={"format": "pt", **(metadata or {})})
+    for f in Path(directory).glob("*.safetensors"):  # safetensors writes 0600: readable like any other file
+        plain_mode(f)
 
 
 def _load_file(path: Path) -> dict[str, torch.Tensor]:

@@ -180,6 +180,10 @@ def build_layer(t: dict[str, torch.Tensor], scheme: Any, fmt: str, name: str, dt
     q, zp = signed_codes(t, scheme, fmt, name)
     n, k = q.shape
     scale = t["weight_scale"]
+    cols = -(-k // w.group_size) if w.strategy == "group" else 1
+    if scale.numel() not in (1, n * cols) or (w.strategy != "tensor" and scale.numel() != n * cols):
+        raise ValueError(f"layer {name}: weight_scale has shape {list(scale.shape)}, expected [{n}, {cols}] for "
+                         f"{w.strategy} scales of a [{n}, {k}] weight (size mismatch): the checkpoint is damaged")
     scale = scale.reshape(n, -1) if scale.numel() > 1 else scale.reshape(1, 1).expand(n, 1)   # tensor -> channel
     offset = 2 ** (w.num_bits - 1)
     if a is not None:

@@ -176,7 +176,7 @@ def skipped_block_linears(model: nn.Module) -> list[str]:
 
 
 def gptq_config(bits: int, group_size: int, desc_act: bool, sym: bool, version: str,
-                skipped: list[str], info: dict[str, Any]) -> dict[str, Any]:
+                skipped: list[str], info: dict[str, Any], in_block: list[str] | None = None) -> dict[str, Any]:
     from .. import __version__
 
     cfg: dict[str, Any] = {
@@ -187,7 +187,16 @@ def gptq_config(bits: int, group_size: int, desc_act: bool, sym: bool, version: 
     }
     if skipped:  # GPTQModel / vLLM "dynamic": a "-:" regex keeps a module in full precision
         cfg["dynamic"] = {f"-:^{n.replace('.', '[.]')}$": {} for n in skipped}
+    if skipped and in_block:  # what transformers / optimum read instead (optimum/gptq/quantizer.py): the
+        cfg["modules_in_block_to_quantize"] = [in_block]  # linears of a block to quantize, the same in every block
     return cfg
+
+
+def in_block_names(model: nn.Module) -> list[str] | None:
+    """The quantized linears of a block by name inside it, when every block has the same (else None)."""
+    path, blocks = find_blocks(model)
+    names = [sorted(n for n, m in b.named_modules() if isinstance(m, QuantLinear)) for b in blocks]
+    return names[0] if names and all(n == names[0] for n in names) else None
 
 
 def save_gptq(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, report: Any = None,
@@ -211,7 +220,7 @@ def save_gptq(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, 
         desc_act |= m.perm is not None and m.group_len < m.in_features
     sym = all(is_sym(m) for m in layers.values())
     qcfg = gptq_config(bits, group_size, desc_act, sym, checkpoint_format, skipped_block_linears(model),
-                       getattr(model, "ptqkit_info", None) or {})
+                       getattr(model, "ptqkit_info", None) or {}, in_block_names(model))
     out = write_checkpoint(path, model, tensors, "gptq", tokenizer, report, max_shard_size, qcfg, dtype)
     log.info("saved %d GPTQ layers (%d-bit, group %d, %s) to %s", len(layers), bits, group_size,
              checkpoint_format, out)

@@ -25,7 +25,7 @@ from yaml.nodes import MappingNode, Node, SequenceNode
 
 from ..calibration.runner import PIPELINES
 from ..config import build_recipe
-from ..formats import SAVERS
+from ..formats import FORMATS
 from ..models import DEFAULT_MODEL
 
 HUB_SOURCES = ("builtin", "wikitext2", "c4", "pile-val")
@@ -57,7 +57,7 @@ class OutputSpec:
     """Where the job writes (default ``ptqkit-out/<name>``) and the checkpoint format (null: report only)."""
 
     dir: Optional[str] = None
-    format: Optional[str] = "native"
+    format: Optional[str] = "auto"
 
 
 @dataclass(config=_STRICT)
@@ -330,8 +330,8 @@ def validate_job(job: JobSpec, problems: list[str]) -> None:
             problems.append(f"{job.at(key)}: {key} {src!r} is neither one of {HUB_SOURCES} nor an existing file")
     if job.pipeline not in PIPELINES:
         problems.append(f"{job.at('pipeline')}: pipeline {job.pipeline!r}: use one of {PIPELINES}")
-    if job.output.format is not None and job.output.format not in SAVERS:
-        problems.append(f"{job.at('output.format')}: format {job.output.format!r}: use one of {sorted(SAVERS)} or null")
+    if job.output.format is not None and job.output.format not in FORMATS:
+        problems.append(f"{job.at('output.format')}: format {job.output.format!r}: use one of {FORMATS} or null")
     looks_local = job.model.startswith((".", "/", "~")) or job.model.endswith(".gguf")
     if looks_local and not Path(job.model).expanduser().exists():
         problems.append(f"{job.at('model')}: model {job.model!r} does not exist: give a directory, a .gguf file, "
