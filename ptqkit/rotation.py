@@ -165,7 +165,12 @@ def rotate_model_(model: nn.Module, per_head: bool = True, seed: int = 0) -> dic
 
 
 def _rotate_heads(v: nn.Module, o: nn.Module, q2: torch.Tensor, d: int) -> None:
-    """R2: every value head ``R2ᵀ W_v[h]`` (and bias), every output-projection head ``W_o[:, h] R2``."""
-    blockdiag_v = torch.block_diag(*[q2] * (v.weight.shape[0] // d))          # [kv·d, kv·d]
-    _rotate_rows(v, blockdiag_v)
-    _mul_cols(o, torch.block_diag(*[q2] * (o.weight.shape[1] // d)))         # [heads·d, heads·d]
+    """R2: every value head ``R2ᵀ W_v[h]`` (and bias), every output-projection head ``W_o[:, h] R2``, as batched
+    ``d × d`` products (no block-diagonal matrix)."""
+    q2 = q2.to(v.weight.device, torch.float32)
+    wv = v.weight.float()
+    _set(v.weight, (q2.t() @ wv.view(-1, d, wv.shape[1])).reshape(wv.shape))   # [kv, d, H]: R2ᵀ per head
+    if getattr(v, "bias", None) is not None:
+        _set(v.bias, (v.bias.float().view(-1, d) @ q2).reshape(-1))              # [kv, d]
+    wo = o.weight.float()
+    _set(o.weight, (wo.view(wo.shape[0], -1, d) @ q2).reshape(wo.shape))        # [H, heads, d]: W R2 per head

@@ -24,6 +24,15 @@ def tiny_llama_config(**kw):
 
 
 @pytest.fixture
+def one_thread():
+    """Torch on one intra-op thread for the test, the previous count restored (tiny models: threads cost more)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny_llama():
     """A small random LlamaForCausalLM (2 blocks, hidden 64, GQA), seeded, in eval mode."""
     from transformers import LlamaForCausalLM

@@ -55,12 +55,7 @@ MOES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
 METHODS = ["rtn", "gptq", "awq", "smoothquant"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads cost more than they give
 
 
 def build(family: str) -> nn.Module:

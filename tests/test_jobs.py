@@ -26,14 +26,9 @@ CAL = dict(num_samples=8, seqlen=64, seed=0)
 EVAL = dict(seqlen=128, max_windows=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny matmuls run far faster so, and on a loaded 2-core machine even
-    SmolLM2 does (measured: 2 threads were over 4x slower there than 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one intra-op thread: tiny matmuls run far faster so, and on a loaded 2-core machine even SmolLM2 does
+# (measured: 2 threads were over 4x slower there than 1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference(model_dir: str, method: str, **options):

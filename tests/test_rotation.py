@@ -21,12 +21,7 @@ from ptqkit.rotation import _hadamard, random_rotation, rotate_model_
 ROTATABLE = ["llama", "qwen2", "qwen3", "mistral", "gemma", "phi3"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads cost more than they give
 
 
 def ids(n: int = 8, length: int = 32, seed: int = 1) -> torch.Tensor:

@@ -21,12 +21,7 @@ from ptqkit.cli import main
 FAST = ["--num-samples", "4", "--seqlen", "32", "--no-eval", "--method", "rtn"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads cost more than they give
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

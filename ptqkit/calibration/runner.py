@@ -123,27 +123,23 @@ def _block(block: nn.Module, prefix: str, steps: Sequence[Algorithm], ctx: Block
     *transforms, q = steps
     transforms = [t for t in transforms if not t.whole_model]  # done before the first block
     in_pass = pipeline == "sequential" and bool(transforms) and all(t.in_pass(block, ctx) for t in transforms)
-    if fp is not None and in_pass:
-        fp[0], ctx.targets = fp_inputs(block, ctx.linears, ctx, fp[0])
-    if in_pass:
-        outs = quantize_pass(q, block, prefix, ctx.linears, ctx, in_pass=transforms, on_barrier=on_barrier)
-        for t in transforms:
-            t.finish(block, ctx)
-        return outs
-    fp_outs = None
-    for t in transforms:
+    for t in ([] if in_pass else transforms):
         fp_outs, ctx.stats = observe_pass(t, block, ctx.linears, lambda: ctx.forward(block))
         t.apply(block, ctx)
         ctx.stats = {}
         ctx.linears = find_linears(block, ignore, prefix, ctx.arch)  # a transform may have replaced modules
-    if fp_outs is not None and pipeline == "fp-outputs":
-        for name, m in ctx.linears.items():  # AutoAWQ's order: the next block gets this block's fp outputs
-            block.set_submodule(name, q.quantize(prefix + name, m))
-        return [o.to(x.device) for o, x in zip(fp_outs, ctx.inputs)]
-    del fp_outs
+        if pipeline == "fp-outputs" and t is transforms[-1]:
+            for name, m in ctx.linears.items():  # AutoAWQ's order: the next block gets this block's fp outputs
+                block.set_submodule(name, q.quantize(prefix + name, m))
+            return [o.to(x.device) for o, x in zip(fp_outs, ctx.inputs)]
+        del fp_outs
     if fp is not None:  # after the transforms: the fp stream in the block's transformed (same-function) form
         fp[0], ctx.targets = fp_inputs(block, ctx.linears, ctx, fp[0])
-    return quantize_pass(q, block, prefix, ctx.linears, ctx, two_pass=pipeline == "two-pass", on_barrier=on_barrier)
+    outs = quantize_pass(q, block, prefix, ctx.linears, ctx, two_pass=pipeline == "two-pass",
+                         in_pass=transforms if in_pass else (), on_barrier=on_barrier)
+    for t in transforms if in_pass else ():
+        t.finish(block, ctx)
+    return outs
 
 
 def _run_bytes(model: nn.Module, steps: Sequence[Algorithm], calib: CalibrationSet, batch_size: int,

@@ -59,6 +59,11 @@ class _Input:
     stats: Any
 
 
+def _divided(x: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+    """``x / s`` (an in-pass fold's divisor, per input channel), in ``x``'s dtype; ``x`` itself without one."""
+    return x if s is None else (x.float() / s.to(x.device)).to(x.dtype)
+
+
 class Wrapped(nn.Module):
     """Stands in for a linear during the quantizer pass; becomes its quantized replacement."""
 
@@ -152,16 +157,20 @@ class Sequencer:
                                        f"{len(arrivals)} of {self.n} reached it; use pipeline='two-pass'")
                 s = got if s is None else s * got
         stats = self.q.new_stats()
-        targets = self.ctx.targets.get(w.short) if self.ctx.targets is not None else None
         for b, x in arrivals:
-            used = x if s is None else (x.float() / s.to(x.device)).to(x.dtype)
+            used = _divided(x, s)
             self.current[b] = _Input(x, used, stats)
-            if stats is not None and targets is not None:  # asymmetric calibration: the fp model's input too
-                t = targets[b].to(x.device)
-                stats.add(used, t if s is None else (t.float() / s.to(x.device)).to(x.dtype))
-            elif stats is not None:
-                stats.add(used)
+            if stats is not None:
+                self._add(stats, w, b, used, s)
         return stats
+
+    def _add(self, stats: Any, w: Wrapped, b: int, x: torch.Tensor, s: torch.Tensor | None = None) -> None:
+        """Batch ``b``'s input to ``w`` into ``stats``; with asymmetric calibration, the fp model's input too
+        (divided by the same in-pass fold ``s``)."""
+        if self.ctx.targets is None:
+            stats.add(x)
+        else:
+            stats.add(x, _divided(self.ctx.targets[w.short][b].to(x.device), s))
 
     def _release(self) -> None:
         if self.on_barrier is not None:  # e.g. freed memory back to the kernel while every batch is paused
@@ -192,10 +201,8 @@ class Sequencer:
             return
         if w.stats is None:
             w.stats = self.q.new_stats()
-        if w.stats is not None and self.ctx.targets is not None:
-            w.stats.add(x, self.ctx.targets[w.short][b].to(x.device))
-        elif w.stats is not None:
-            w.stats.add(x)
+        if w.stats is not None:
+            self._add(w.stats, w, b, x)
         self.current.clear()  # one batch at a time: keep only its current input
         self.current[b] = _Input(x, x, w.stats)
 
