@@ -4,9 +4,9 @@ runs the fit never saw (docs/scaling.md tables).
     python benchmarks/estimate_check.py               # all 18 runs (~15 min on 2 cores)
     python benchmarks/estimate_check.py --held-out    # only the 5 the fit never saw
 
-Each run quantizes in a fresh interpreter with one thread, as the ``ptqkit`` command runs when memory
-is tight (one malloc arena, freed memory returned to the kernel at every barrier:
-``PTQKIT_MALLOC_TUNE=trim``), and reports
+Each run quantizes in a fresh interpreter with one thread and one malloc arena, as the ``ptqkit`` command
+runs (freed memory returned to the kernel at a barrier where glibc keeps more than ``host.FREE_OVER`` of
+the run), and reports
 the RSS high-water mark over the paged-in model against ``host_peak - host_model``.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def tiny_config(**kw):  # noqa: ANN003, ANN201
 
 def measure(make: str, method: str, n: int, length: int, batch: int, pipeline: str, **kw) -> int:  # noqa: ANN003
     code = MEASURE.format(make=make, n=n, length=length, method=method, batch=batch, pipeline=pipeline, kw=kw)
-    env = {**os.environ, "PTQKIT_MALLOC_TUNE": "trim"}
+    env = {k: v for k, v in os.environ.items() if k != "PTQKIT_MALLOC_TUNE"}  # the runner's default policy
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out.split("@@")[-1])
 

@@ -4,7 +4,8 @@ allocator behaviours ptqkit can choose (``ptqkit/calibration/host.py``; table in
     python benchmarks/malloc_peak.py                                     # a library call: glibc untouched
     python benchmarks/malloc_peak.py --arena                             # as the ptqkit command: one arena
     PTQKIT_MALLOC_TUNE=trim python benchmarks/malloc_peak.py [--arena]   # malloc_trim at every barrier
-    python benchmarks/malloc_peak.py --samples 128 --seqlen 512 --threads 2   # the default quantize run
+    python benchmarks/malloc_peak.py --samples 128 --seqlen 512 --threads 2 --arena   # the default quantize run
+    python benchmarks/malloc_peak.py --samples 128 --seqlen 512 --threads 2 --arena --pipeline two-pass
 
 Prints the RSS high-water mark above the paged-in model (``/proc/self/status`` VmHWM, reset through
 ``/proc/self/clear_refs``), the wall time, and the estimate's prediction. Linux and glibc only.
@@ -30,6 +31,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--arena", action="store_true", help="one malloc arena, as the ptqkit command sets for itself")
+    p.add_argument("--pipeline", default="sequential", choices=["sequential", "two-pass"])
     args = p.parse_args()
     arena = host.tune_process() if args.arena else False  # before the model load, as the command does
     torch.set_num_threads(args.threads)
@@ -41,11 +43,13 @@ def main() -> None:
     calib = load_calibration("builtin", tok, num_samples=args.samples, seqlen=args.seqlen, seed=0)
     with E.PeakMemory() as mem:
         t = time.perf_counter()
-        ptqkit.quantize(model, args.method, calibration=calib, batch_size=args.batch_size, bits=4, group_size=64)
+        ptqkit.quantize(model, args.method, calibration=calib, batch_size=args.batch_size, bits=4, group_size=64,
+                        pipeline=args.pipeline)
         wall = time.perf_counter() - t
-    est = E.estimate(E.ModelShape.from_config(model.config), args.method, args.samples, args.seqlen, args.batch_size)
-    trim = model.ptqkit_info["host"]["malloc"] == "trim"
-    print(f"{args.method} {args.samples} x {args.seqlen}, {args.threads} thread(s), one arena: {arena}, "
+    est = E.estimate(E.ModelShape.from_config(model.config), args.method, args.samples, args.seqlen, args.batch_size,
+                     args.pipeline)
+    trim = model.ptqkit_info["host"]["malloc"]
+    print(f"{args.method} {args.samples} x {args.seqlen} {args.pipeline}, {args.threads} thread(s), one arena: {arena}, "
           f"trim: {trim} (PTQKIT_MALLOC_TUNE={os.environ.get('PTQKIT_MALLOC_TUNE', 'auto')}); quantize {wall:.1f} s")
     print(f"peak increase {mem.extra_mb:.0f} MiB; estimate {(est.host_peak - est.host_model) / 2**20:.0f} MiB")
 

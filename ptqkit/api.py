@@ -34,7 +34,7 @@ def quantize(
     ignore: list[str] | None = None,
     device: str | torch.device | None = None,
     batch_size: int = 8,
-    pipeline: str = "sequential",
+    pipeline: str = "auto",
     offload_activations: bool = False,
     calibrate_all_experts: bool = False,
     **options: Any,
@@ -88,6 +88,8 @@ def _info(model: nn.Module, name: str, steps: list, calib: Any, info: dict[str, 
         "timings": {"quantize_s": wall, **{k: v for k, v in info.items() if k.endswith("_s")}},
         "blocks": info.get("blocks", []),
         "distributed": info.get("distributed"),  # world_size, rank, samples_per_rank (torchrun)
+        "pipeline": info.get("pipeline"),  # what ran ("auto" resolved), activations on the host or not
+        "offload_activations": info.get("offload_activations", False),
         "host": {"disk_offload": info.get("disk_offload", False), "malloc": info.get("malloc")},
         "layers": _merge_stats(steps),
         "coverage": checks.coverage(model),

@@ -109,7 +109,7 @@ def _table(rep: Any, times: dict[str, float], size_fp: float, size_q: float, sha
 
 def _estimate_kw(args: argparse.Namespace, steps: Any, host_budget: int | None = None) -> dict[str, Any]:
     kw = dict(method=steps, num_samples=args.num_samples, seqlen=args.seqlen, batch_size=args.batch_size,
-              pipeline="two-pass" if args.pipeline == "two-pass" else "sequential", device=args.device or "cpu",
+              pipeline={"fp-outputs": "sequential"}.get(args.pipeline, args.pipeline), device=args.device or "cpu",
               offload_activations=args.offload_activations)
     if getattr(args, "offload_folder", None) or args.max_host_memory is not None:  # a disk-offloaded run
         kw["host_weights_budget"] = host_budget or 0
@@ -130,7 +130,7 @@ def _shape(model: str) -> Any:
 def _memory_check(args: argparse.Namespace, steps: Any, host_budget: int | None) -> int | None:
     """Refuse a run whose estimated peak exceeds free memory (before the model loads); returns the host
     memory for a disk-offloaded model's weights (what the run leaves free, unless given)."""
-    from . import estimate
+    from . import estimate, plan
 
     shape = _shape(args.model)
     if shape is None:  # nothing to estimate from: run anyway
@@ -138,7 +138,7 @@ def _memory_check(args: argparse.Namespace, steps: Any, host_budget: int | None)
     # the unquantized copy kept for the evaluation doubles the model's weights on the host (offloaded: it
     # loads after quantization, when the calibration run's memory is free again)
     extra = 0 if args.no_eval or args.offload_folder else shape.total_params() * 4
-    est = estimate.check(shape, extra_host=extra, **_estimate_kw(args, steps, host_budget))
+    est = plan.check(shape, extra_host=extra, **_estimate_kw(args, steps, host_budget))
     log.info("estimated peak memory: %s %.2f GiB, host %.2f GiB", est.device, est.device_peak / estimate.GIB,
              est.host_peak / estimate.GIB)
     if args.offload_folder and host_budget is None:
@@ -327,7 +327,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from . import estimate
+    from . import estimate, plan
     from .config import build_recipe
     from .jobs.spec import parse_options
 
@@ -335,11 +335,18 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     models.check_weight_files(models.resolve_model_path(args.model))  # a damaged download fails here, not later
     shape = estimate.ModelShape.from_config(estimate.load_config(args.model))
     steps = build_recipe(_method(args.method), parse_options(args.option, "--option"))
-    est = estimate.estimate(shape, **_estimate_kw(args, steps, budget))
+    kw = _estimate_kw(args, steps, budget)
+    host_free, dev_free = estimate.free_memory(kw["device"])
+    if kw["pipeline"] == "auto":
+        mode = plan.choose(shape, kw, host_free, dev_free)[0]
+        kw.update(mode.settings, offload_activations=mode.offload_activations or args.offload_activations)
+    run = kw["pipeline"] + (", activations on the host" if kw["offload_activations"] else "")
     print(f"{args.model}: {args.method}, {args.num_samples} x {args.seqlen} tokens, batch {args.batch_size}, "
-          f"{args.pipeline}{', activations on the host' if args.offload_activations else ''}"
+          f"{f'auto: {run}' if args.pipeline == 'auto' else run}"
           f"{f', weights on disk beyond {args.max_host_memory}' if args.max_host_memory is not None else ''}")
-    print(est.table())
+    print(estimate.estimate(shape, **kw).table())
+    print("\nevery pipeline (auto takes the fastest that fits):")
+    print(plan.table(shape, kw, host_free, dev_free))
     return 0
 
 

@@ -58,9 +58,11 @@ def _add_run(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--num-samples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward batch")
-    p.add_argument("--pipeline", default="sequential", choices=PIPELINES,
-                   help="sequential: one pass per block, each layer sees quantized predecessors; two-pass: less "
-                        "memory; fp-outputs: AWQ/SmoothQuant + RTN propagate fp block outputs (AutoAWQ's order)")
+    p.add_argument("--pipeline", default="auto", choices=PIPELINES,
+                   help="auto: the fastest that fits in free memory (ptqkit estimate lists them); sequential: one "
+                        "pass per block, each layer sees quantized predecessors; two-pass: one batch's activations, "
+                        "statistics from the fp block; fp-outputs: AWQ/SmoothQuant + RTN propagate fp block outputs "
+                        "(AutoAWQ's order)")
     p.add_argument("--device", default=None, help="where blocks run (cpu, cuda, cuda:1); default: the model's device")
     p.add_argument("--offload-activations", action="store_true",
                    help="keep block inputs/outputs on the host between blocks (models bigger than the device)")

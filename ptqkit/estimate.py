@@ -20,13 +20,12 @@ On the host add the whole model's weights (the model stays there; disk-offloaded
 ``host_weights_budget``) and the quantized blocks as they accumulate (≈ 4 bits a weight). On a CPU
 run the host *is* the device, every term lands in host memory, and the batch threads' own buffers
 and a fixed overhead are added (``CPU_THREAD``, ``CPU_FIXED``; measured with freed memory returned to
-the kernel, as the runner does when memory is tight). ``check`` compares the estimate with free
+the kernel, as the runner does when memory is tight). :mod:`ptqkit.plan` compares the estimate with free
 memory and names the knobs that would make a run fit.
 """
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import gc
 import logging
 import os
@@ -142,10 +141,11 @@ class MemoryEstimate:
     host_activations: int
     same_memory: bool  # the device is the host (CPU run): every part adds up in host memory
     host_quantized: int = 0  # the quantized blocks, accumulating on the host next to the original weights
+    allocator: int = 0  # CPU runs: freed memory glibc keeps until the runner trims it (calibration/host.py)
 
     @property
     def device_peak(self) -> int:
-        return self.block_weights + self.activations + self.statistics + self.workspace
+        return self.block_weights + self.activations + self.statistics + self.workspace + self.allocator
 
     @property
     def host_peak(self) -> int:
@@ -154,8 +154,9 @@ class MemoryEstimate:
 
     def table(self) -> str:
         rows = [("block weights", self.block_weights), ("activations", self.activations),
-                ("statistics", self.statistics), ("workspace", self.workspace),
-                (f"peak on {self.device}", self.device_peak)]
+                ("statistics", self.statistics), ("workspace", self.workspace)]
+        rows += [("freed, kept by malloc", self.allocator)] if self.allocator else []
+        rows += [(f"peak on {self.device}", self.device_peak)]
         rows += [("host: model weights", self.host_model), ("host: quantized blocks", self.host_quantized)]
         if not self.same_memory:
             rows += [("host: block inputs/outputs", self.host_activations), ("peak on host", self.host_peak)]
@@ -235,11 +236,16 @@ def estimate(
         inter = (tokens if pipeline == "sequential" else per_batch) * live * e + transient
     mem = [st.memory(s, tokens, batches, pipeline) for st in steps]
     on_host = offload_activations and not same
-    return MemoryEstimate(
+    est = MemoryEstimate(
         device=str(device), block_weights=block, activations=inter + (0 if on_host else inout),
         statistics=sum(m.statistics for m in mem), workspace=max(m.workspace for m in mem),
         host_model=_host_weights(s, e, host_weights_budget), host_activations=inout if on_host else 0,
         same_memory=same, host_quantized=s.layers * s.linear_params() // 2)
+    if same and not data_free:  # what glibc keeps of the freed memory, as the runner lets it (host.slack)
+        from .calibration import host
+
+        est.allocator = int(host.slack() * est.device_peak)
+    return est
 
 
 def _host_weights(s: ModelShape, e: int, budget: int | None) -> int:
@@ -276,49 +282,6 @@ def free_memory(device: str) -> tuple[int, int | None]:
         free, _ = torch.cuda.mem_get_info(dev)
         return avail, free
     return avail, None
-
-
-def _fits(est: MemoryEstimate, host_free: int, dev_free: int | None) -> bool:
-    return est.host_peak <= host_free and (dev_free is None or est.device_peak <= dev_free)
-
-
-def suggest(shape: ModelShape, kw: dict[str, Any], host_free: int, dev_free: int | None) -> list[str]:
-    """Settings (CLI flags) that would fit, cheapest change first."""
-    tries = [({"offload_activations": True}, "--offload-activations"),
-             ({"pipeline": "two-pass"}, "--pipeline two-pass"),
-             ({"pipeline": "two-pass", "offload_activations": True}, "--pipeline two-pass --offload-activations")]
-    for b in (4, 2, 1):
-        if b < kw.get("batch_size", 8):
-            tries.append(({"pipeline": "two-pass", "offload_activations": True, "batch_size": b},
-                          f"--pipeline two-pass --offload-activations --batch-size {b}"))
-    out = [flag for change, flag in tries if _fits(estimate(shape, **{**kw, **change}), host_free, dev_free)]
-    n = kw.get("num_samples", 128)
-    while n > 1:
-        n //= 2
-        if _fits(estimate(shape, **{**kw, "num_samples": n}), host_free, dev_free):
-            out.append(f"--num-samples {n}")
-            break
-    if kw.get("host_weights_budget") is None:  # the slowest change: read the blocks from disk in turn
-        room = host_free - estimate(shape, **{**kw, "host_weights_budget": 0}).host_peak
-        if room > 0 and _fits(estimate(shape, **{**kw, "host_weights_budget": room}), host_free, dev_free):
-            out.append(f"--offload-folder DIR --max-host-memory {room // 2**20}MiB")
-    return out
-
-
-def check(shape: ModelShape, extra_host: int = 0, **kw: Any) -> MemoryEstimate:
-    """Raise ``MemoryError`` naming the knobs that fit when the estimate exceeds free memory."""
-    est = estimate(shape, **kw)
-    host_free, dev_free = free_memory(kw.get("device", "cpu"))
-    est = dataclasses.replace(est, host_model=est.host_model + extra_host)
-    if _fits(est, host_free, dev_free):
-        return est
-    where = (f"host {est.host_peak / GIB:.2f} GiB > {host_free / GIB:.2f} GiB available" if est.host_peak > host_free
-             else f"{est.device} {est.device_peak / GIB:.2f} GiB > {dev_free / GIB:.2f} GiB free")
-    fixes = suggest(shape, kw, host_free - extra_host, dev_free)
-    raise MemoryError(f"the calibration run would not fit in memory ({where}):\n{est.table()}\n"
-                      + (f"settings that fit: {'; or '.join(fixes)}" if fixes else
-                         "no single setting fits: use a machine with more memory")
-                      + " (skip this check with --no-memory-check)")
 
 
 # ------------------------------------------------------------------------- measurement

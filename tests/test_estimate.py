@@ -17,6 +17,7 @@ from torch import nn
 import ptqkit
 from ptqkit import cli
 from ptqkit import estimate as E
+from ptqkit import plan
 from ptqkit.calibration import runner
 
 TOLERANCE = 0.25  # |estimate − measured| ≤ 25% of measured
@@ -65,7 +66,7 @@ print("@@" + json.dumps(mem.peak - mem.start))
 def _measure(make: str, method: str, n: int, length: int, batch: int, pipeline: str, **kw) -> int:
     code = _MEASURE.format(tests=str(Path(__file__).parent), make=make, n=n, length=length, method=method,
                            batch=batch, pipeline=pipeline, kw=kw)
-    env = {**os.environ, "PTQKIT_MALLOC_TUNE": "trim"}  # what the runner does when memory is tight
+    env = {k: v for k, v in os.environ.items() if k != "PTQKIT_MALLOC_TUNE"}  # the runner's default policy
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out.split("@@")[-1])
 
@@ -121,15 +122,15 @@ def test_device_and_host_split() -> None:
 
 def test_check_refuses_and_names_knobs_that_fit(monkeypatch: pytest.MonkeyPatch) -> None:
     shape = E.ModelShape.from_config(tiny_llama_config())
-    kw = dict(method="gptq", num_samples=256, seqlen=256, batch_size=8, device="cuda:0")
+    kw = dict(method="gptq", num_samples=256, seqlen=256, batch_size=8, device="cuda:0", pipeline="sequential")
     full = E.estimate(shape, **kw)
     budget = full.device_peak // 2
     monkeypatch.setattr(E, "free_memory", lambda device: (2**40, budget))
-    with pytest.raises(MemoryError) as err:
-        E.check(shape, **kw)
+    with pytest.raises(MemoryError) as err:  # an explicit pipeline that cannot fit is refused
+        plan.check(shape, **kw)
     msg = str(err.value)
     assert "cuda:0" in msg and "--offload-activations" in msg and "--num-samples" in msg
-    fixes = E.suggest(shape, kw, 2**40, budget)
+    fixes = plan.suggest(shape, kw, 2**40, budget)
     assert fixes
     for fix in fixes:  # every suggestion really fits under the same estimate
         change = {"offload_activations": "--offload-activations" in fix}
@@ -139,9 +140,68 @@ def test_check_refuses_and_names_knobs_that_fit(monkeypatch: pytest.MonkeyPatch)
             change["batch_size"] = int(fix.split("--batch-size ")[1].split()[0])
         if "--num-samples" in fix:
             change["num_samples"] = int(fix.split("--num-samples ")[1].split()[0])
-        assert E.estimate(shape, **{**kw, **change}).device_peak <= budget, fix
+        assert E.estimate(shape, **{**kw, **change}).device_peak <= plan.MARGIN * budget, fix
     monkeypatch.setattr(E, "free_memory", lambda device: (2**40, 2**40))
-    assert E.check(shape, **kw).device_peak == full.device_peak
+    assert plan.check(shape, **kw).device_peak == full.device_peak
+
+
+def test_auto_takes_the_fastest_mode_that_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: one-pass while it fits, then the inputs/outputs on the host, then two-pass; an explicit choice wins."""
+    shape = E.ModelShape.from_config(tiny_llama_config())
+    kw = dict(method="gptq", num_samples=256, seqlen=256, batch_size=8, device="cuda:0")
+    peaks = {m: E.estimate(shape, **kw, **m.settings).device_peak for m in plan.MODES}
+    assert [peaks[m] for m in plan.MODES] == sorted(peaks.values(), reverse=True)  # slower modes hold less
+    assert [m.time for m in plan.MODES] == sorted(m.time for m in plan.MODES)
+    for i, m in enumerate(plan.MODES):  # free memory just above mode i's peak: auto takes mode i
+        free = int(peaks[m] / plan.MARGIN) + 1
+        got, est, why = plan.choose(shape, kw, 2**40, free)
+        assert got == m and est.device_peak == peaks[m] and "fits" in why, (i, why)
+        monkeypatch.setattr(E, "free_memory", lambda device, free=free: (2**40, free))
+        assert plan.check(shape, **kw, pipeline="auto").device_peak == peaks[m]
+        assert "<- auto" in [line for line in plan.table(shape, kw, 2**40, free).splitlines() if line.startswith(m.name
+                                                                                                               + " ")][0]
+    cpu = [m.name for m, _, _ in plan.options(shape, {**kw, "device": "cpu"}, 2**40, None)]
+    assert cpu == ["sequential", "two-pass"]  # on a CPU the host is the device: nothing to move
+
+
+FREE_80GB = 79 * 2**30  # an H100 / A100 80GB: cuda.mem_get_info's free memory after the CUDA context
+
+
+def test_auto_fits_70b_on_an_80gb_gpu() -> None:
+    """A Llama-3-70B-shaped config at 128 x 2048 tokens: the one-pass run would not fit 80 GB in fp32, auto
+    takes a mode that does (the estimate), without any flag."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                      num_key_value_heads=8, vocab_size=128256)
+    shape = E.ModelShape.from_config(cfg)
+    for dtype in (torch.float32, torch.bfloat16):
+        kw = dict(method="gptq", num_samples=128, seqlen=2048, batch_size=8, device="cuda:0", dtype=dtype)
+        mode, est, _ = plan.choose(shape, kw, 2**41, FREE_80GB)
+        assert est.device_peak <= plan.MARGIN * FREE_80GB
+        assert mode.codes == "one-pass"  # the same codes as the one-pass run
+    one_pass = E.estimate(shape, **{**kw, "dtype": torch.float32}, pipeline="sequential")
+    assert not plan.fits(one_pass, 2**41, FREE_80GB)  # what the memory check refused before auto
+
+
+def test_runner_resolves_auto(tiny_llama, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """pipeline='auto' at run time: sequential when it fits (the same model as asking for it), two-pass when not;
+    the choice and why are logged and recorded."""
+    ids = _ids(8, 32)
+    ref = ptqkit.quantize(copy.deepcopy(tiny_llama), "gptq", calibration=ids, batch_size=2, pipeline="sequential",
+                          bits=4, group_size=32)
+    with caplog.at_level("INFO", logger="ptqkit"):
+        auto = ptqkit.quantize(copy.deepcopy(tiny_llama), "gptq", calibration=ids, batch_size=2, bits=4, group_size=32)
+    assert auto.ptqkit_info["config"]["pipeline"] == "auto" and "pipeline auto: sequential" in caplog.text
+    for (n, a), (_, b) in zip(ref.state_dict().items(), auto.state_dict().items()):
+        assert torch.equal(a, b), n
+    shape = E.ModelShape.from_config(tiny_llama.config)
+    kw = dict(method="gptq", num_samples=8, seqlen=32, batch_size=2)
+    two = E.estimate(shape, **kw, pipeline="two-pass")
+    room = (two.host_peak - two.host_model) / plan.MARGIN + 1  # room for two-pass only
+    monkeypatch.setattr(E, "free_memory", lambda device: (int(room), None))
+    low = ptqkit.quantize(copy.deepcopy(tiny_llama), "gptq", calibration=ids, batch_size=2, bits=4, group_size=32)
+    assert low.ptqkit_info["pipeline"] == "two-pass"
 
 
 def test_cli_estimate_and_quantize_refusal(tmp_path, capsys, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
@@ -154,8 +214,17 @@ def test_cli_estimate_and_quantize_refusal(tmp_path, capsys, monkeypatch: pytest
     big = E.estimate(E.ModelShape.from_config(tiny_llama_config()), ["gptq"], 256, 128)  # activations dominate
     monkeypatch.setattr(E, "free_memory", lambda device: (big.host_model + big.host_quantized + big.device_peak // 2, None))
     assert cli.main(["quantize", "--model", str(tmp_path), "--method", "gptq", "--num-samples", "256",
-                     "--seqlen", "128", "--no-eval"]) == 2
-    assert "would not fit" in caplog.text and "--num-samples" in caplog.text
+                     "--seqlen", "128", "--no-eval", "--pipeline", "sequential"]) == 2
+    assert "would not fit" in caplog.text and "--num-samples" in caplog.text and "--pipeline two-pass" in caplog.text
+    caplog.clear()  # auto takes two-pass instead of refusing (then stops at the missing weights)
+    with caplog.at_level("INFO", logger="ptqkit"):
+        assert cli.main(["quantize", "--model", str(tmp_path), "--method", "gptq", "--num-samples", "256",
+                         "--seqlen", "128", "--no-eval"]) == 2
+    assert "would not fit" not in caplog.text and "pipeline auto: two-pass" in caplog.text
+    capsys.readouterr()
+    assert cli.main(["estimate", "--model", str(tmp_path), "--num-samples", "256", "--seqlen", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "auto: two-pass" in out and [ln for ln in out.splitlines() if ln.startswith("two-pass ")][0].endswith("<- auto")
 
 
 def test_blocks_move_one_at_a_time_and_head_stays(tiny_llama, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 
 import ptqkit
 import ptqkit.estimate as E
-from ptqkit import cli
+from ptqkit import cli, plan
 from ptqkit.calibration import host
 from ptqkit.models import load_model
 
@@ -145,7 +145,7 @@ def test_estimate_of_an_offloaded_run_and_the_suggestion(monkeypatch: pytest.Mon
     # 20 GiB of host memory: the 30 GiB fp32 model does not fit, disk offload does
     monkeypatch.setattr(E, "free_memory", lambda device: (20 * E.GIB, 80 * E.GIB))
     with pytest.raises(MemoryError, match=r"--offload-folder DIR --max-host-memory \d+MiB"):
-        E.check(shape, method="gptq", num_samples=128, seqlen=2048, device="cuda:0")
+        plan.check(shape, method="gptq", num_samples=128, seqlen=2048, device="cuda:0")
     assert E.parse_size("2GiB") == 2 * E.GIB
     with pytest.raises(ValueError, match="not a memory size"):
         E.parse_size("lots")
@@ -163,6 +163,11 @@ class _Libc:
         self.calls.append(("malloc_trim", pad))
         return 1
 
+    free = 0  # bytes glibc holds in free chunks, for mallinfo2
+
+    def mallinfo2(self) -> host._MallInfo2:
+        return host._MallInfo2(fordblks=self.free)
+
 
 def test_malloc_modes(monkeypatch: pytest.MonkeyPatch) -> None:
     libc = _Libc()
@@ -174,24 +179,36 @@ def test_malloc_modes(monkeypatch: pytest.MonkeyPatch) -> None:
         host.tune_process()
     monkeypatch.delenv("PTQKIT_MALLOC_TUNE")  # auto: the command's process gets one arena, runs trim when tight
     assert host.tune_process() and libc.calls == [("mallopt", host._M_ARENA_MAX, 1)]
-    assert host.trim_barriers(2**30, 3 * 2**30) is None              # 2.5 GiB fits in 3
     assert host.trim_barriers(None, 0) is None                       # no estimate: leave it
-    trim = host.trim_barriers(2**30, 2 * 2**30)                      # 2.5 GiB does not fit in 2
+    trim = host.trim_barriers(2**30, 2 * 2**30)                      # 2.5 GiB does not fit in 2: every barrier
     trim()
-    assert libc.calls[-1] == ("malloc_trim", 0)
+    assert trim.__name__ == "trim" and libc.calls[-1] == ("malloc_trim", 0)
+    over = host.trim_barriers(2**30, 3 * 2**30)                      # 2.5 GiB fits in 3: past FREE_OVER only
+    n = len(libc.calls)
+    libc.free = int(host.FREE_OVER * 2**30)                          # glibc keeps exactly the allowance: no trim
+    over()
+    assert over.__name__ == "trim_free" and len(libc.calls) == n
+    libc.free += 1
+    over()
+    assert libc.calls[n:] == [("malloc_trim", 0)]
+    assert 0 < host.slack() <= host.FREE_OVER                        # what the estimate adds on a CPU run
     monkeypatch.setenv("PTQKIT_MALLOC_TUNE", "trim")
-    assert host.trim_barriers(None, 2**40) is not None
+    assert host.trim_barriers(None, 2**40) is not None and host.slack() == 0
 
 
 def test_runner_trims_only_when_memory_is_tight(tiny_llama, monkeypatch: pytest.MonkeyPatch) -> None:
     seen, trims = [], []
-    monkeypatch.setattr(host, "trim_barriers", lambda run, free: seen.append((run, free)) or (lambda: trims.append(1)))
+
+    def trim() -> None:
+        trims.append(1)
+    monkeypatch.setattr(host, "trim_barriers", lambda run, free: seen.append((run, free)) or trim)
     monkeypatch.setattr(E, "free_memory", lambda device: (12345, None))
     ref = ptqkit.quantize(copy.deepcopy(tiny_llama), "rtn", bits=4, group_size=32)
-    got = ptqkit.quantize(copy.deepcopy(tiny_llama), "gptq", calibration=_ids(4, 16), batch_size=2)
+    got = ptqkit.quantize(copy.deepcopy(tiny_llama), "gptq", calibration=_ids(4, 16), batch_size=2,
+                          pipeline="sequential")  # (auto would take two-pass in 12345 bytes)
     shape = E.ModelShape.from_config(tiny_llama.config)
     est = E.estimate(shape, ["gptq"], 4, 16, 2)
-    assert seen == [(est.host_peak - est.host_model, 12345)]
+    assert seen == [(est.host_peak - est.host_model - est.allocator, 12345)]  # the live set
     assert len(trims) == 2 * 7 and got.ptqkit_info["host"]["malloc"] == "trim"  # blocks x linears: one barrier each
     assert ref.ptqkit_info["host"]["malloc"] is None                               # data-free: no run to tune
 

@@ -2,17 +2,20 @@
 
 **Allocator** (CPU runs, Linux/glibc; measurements and the table in docs/scaling.md). The sequential
 pipeline runs every calibration batch in its own thread; glibc gives each thread its own malloc arena
-and keeps freed blocks in the heaps (its mmap threshold climbs to 32 MiB), so the resident set keeps
-far more than the live tensors. Two remedies, neither a setting of the user's process:
+and keeps freed blocks in its heaps (its mmap threshold climbs to 32 MiB). Every batch holds its
+activations at each pause while the others allocate, so the heaps fill with holes too small for the
+next block's tensors: with one arena the resident set of GPTQ on SmolLM2 (128 x 512) reached 2.5x
+the live set. Remedies, none a setting of the user's process:
 
 - ``ptqkit`` the command (:func:`tune_process`, called by its entry point before anything loads)
-  limits its own process to one arena: about a third less memory at the same speed. A library call
-  never does this: glibc cannot undo an arena limit once threads have used it.
-- :func:`trim_barriers`: when the estimated run would not fit in free memory with ``ARENA_FACTOR`` to
-  spare, the sequencer returns freed heap pages to the kernel (``malloc_trim(0)``) at every barrier,
-  when all batches are paused: the peak follows the live set (what ``ptqkit.estimate`` models), at the
-  price of page faults (about a fifth more time). ``PTQKIT_MALLOC_TUNE=trim`` forces it, ``0`` turns
-  both remedies off.
+  limits its own process to one arena. A library call never does this: glibc cannot undo an arena
+  limit once threads have used it.
+- :func:`trim_barriers`: at a barrier, when every batch is paused, the sequencer returns freed heap pages
+  to the kernel (``malloc_trim(0)``) once glibc holds more than ``FREE_OVER`` of the run's live set in
+  free chunks (about 2 trims per block on SmolLM2: 1.7 GiB instead of 2.7 GiB, +10% time); at every
+  barrier when even ``ARENA_FACTOR`` times the live set would not fit in free memory (the peak then
+  follows the live set, +20% time). :func:`slack` is what the estimate adds for it.
+  ``PTQKIT_MALLOC_TUNE=trim`` forces trimming at every barrier, ``0`` turns every remedy off.
 
 **Disk offload.** transformers / accelerate load a model with ``device_map`` entries ``"disk"``
 (``offload_folder``) with those parameters on the ``meta`` device and an ``AlignDevicesHook`` per
@@ -37,8 +40,17 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 _M_ARENA_MAX = -8  # glibc malloc.h
-ARENA_FACTOR = 2.5  # glibc's peak over the live set, with margin (measured 1.0-2.2 with one arena)
+ARENA_FACTOR = 2.5  # glibc's peak over the live set, with margin (measured 1.0-2.7 with one arena)
+FREE_OVER = 0.5  # otherwise trim at a barrier where glibc holds more free memory than this share of the run
+SLACK = 0.3  # what it then keeps at the peak, on average (measured 0.46 on SmolLM2 at 128 x 512, less on tiny runs)
 MODES = ("auto", "trim", "0")
+
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (malloc.h, glibc >= 2.33)."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
 def _mode() -> str:
@@ -53,9 +65,11 @@ def _libc() -> Any:
         return None
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
     except OSError:  # not glibc (musl, ...): nothing to tune
         return None
+    if hasattr(libc, "mallinfo2"):  # glibc >= 2.33
+        libc.mallinfo2.restype = _MallInfo2
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
 
 
 def tune_process() -> bool:
@@ -65,18 +79,37 @@ def tune_process() -> bool:
     return _mode() != "0" and libc is not None and libc.mallopt(_M_ARENA_MAX, 1) == 1
 
 
+def slack() -> float:
+    """The freed memory glibc keeps on top of a CPU run's live set at its peak, as a share of it, under the
+    runner's policy (:func:`trim_barriers`): ``SLACK`` (auto: between none and ``FREE_OVER``), none when every
+    barrier trims, ``ARENA_FACTOR - 1`` when glibc is left alone."""
+    mode = _mode()
+    return 0.0 if mode == "trim" or _libc() is None else SLACK if mode == "auto" else ARENA_FACTOR - 1
+
+
 def trim_barriers(run_bytes: int | None, free_bytes: int) -> Callable[[], None] | None:
-    """What the sequencer calls at each barrier: ``malloc_trim(0)`` when the run (``run_bytes``, estimated
-    live memory; ``None``: no estimate) would not fit ``ARENA_FACTOR`` times in ``free_bytes``, or when
-    ``PTQKIT_MALLOC_TUNE=trim``; ``None`` otherwise."""
+    """What the sequencer calls at each barrier (``None``: nothing), for a run whose live set is estimated at
+    ``run_bytes`` (``None``: no estimate): ``malloc_trim(0)`` every time when it would not fit ``ARENA_FACTOR``
+    times in ``free_bytes`` or when ``PTQKIT_MALLOC_TUNE=trim``; otherwise only when glibc holds more than
+    ``FREE_OVER`` times ``run_bytes`` in free chunks (``mallinfo2``, glibc >= 2.33)."""
     mode, libc = _mode(), _libc()
     if libc is None or mode == "0":
         return None
     if mode == "trim" or (run_bytes is not None and ARENA_FACTOR * run_bytes > free_bytes):
         log.info("returning freed memory to the kernel at every barrier (malloc_trim): the run needs %.2f GiB "
                  "(estimated), %.2f GiB is free", (run_bytes or 0) / 2**30, free_bytes / 2**30)
-        return lambda: libc.malloc_trim(0)
-    return None
+
+        def trim() -> None:
+            libc.malloc_trim(0)
+        return trim
+    if run_bytes is None or not hasattr(libc, "mallinfo2"):
+        return None
+    limit = int(FREE_OVER * run_bytes)
+
+    def trim_free() -> None:
+        if libc.mallinfo2().fordblks > limit:
+            libc.malloc_trim(0)
+    return trim_free
 
 
 WeightsMaps = dict[nn.Module, Mapping[str, torch.Tensor]]

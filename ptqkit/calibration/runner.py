@@ -30,18 +30,18 @@ from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import distributed, estimate
+from .. import distributed, estimate, plan
 from ..algorithms.base import Algorithm, BlockContext, Quantizer, Transform
 from ..checks import check_finite
 from ..experts import Experts
 from ..architectures import architecture, find_blocks, find_linears, prepare_block
 from . import host
 from .data import CalibrationSet
-from .sequencer import fp_inputs, observe_pass, quantize_pass
+from .sequencer import fp_inputs, observe_pass, output_slots, quantize_pass
 
 log = logging.getLogger(__name__)
 
-PIPELINES = ("sequential", "two-pass", "fp-outputs")
+PIPELINES = ("auto", "sequential", "two-pass", "fp-outputs")
 
 
 class _Caught(Exception):
@@ -93,11 +93,16 @@ def capture_inputs(model: nn.Module, calib: CalibrationSet, blocks_path: str, de
             model.set_submodule(head_name, head)
     if len(catcher.args) != -(-len(calib.ids) // batch_size):
         raise RuntimeError("the model never called its first decoder block: cannot capture calibration inputs")
-    return [h.to(store) for h, _ in catcher.args], [send_to_device(kw, store) for _, kw in catcher.args]
+    hidden = [h.to(store) for h, _ in catcher.args]
+    slots = output_slots(hidden)  # one allocation for all of them (see output_slots)
+    catcher.args = [(None, kw) for _, kw in catcher.args]
+    if slots is not None:
+        hidden = [s.copy_(h) for s, h in zip(slots, hidden)]
+    return hidden, [send_to_device(kw, store) for _, kw in catcher.args]
 
 
 def _check(steps: Sequence[Algorithm], calib: CalibrationSet | None, pipeline: str) -> str:
-    """Validate the recipe against the pipeline; returns the pipeline to run."""
+    """Validate the recipe against the pipeline; returns the pipeline to run (``auto``: decided later)."""
     if pipeline not in PIPELINES:
         raise ValueError(f"pipeline={pipeline!r}: choose one of {PIPELINES}")
     *transforms, quantizer = steps
@@ -142,17 +147,53 @@ def _block(block: nn.Module, prefix: str, steps: Sequence[Algorithm], ctx: Block
     return outs
 
 
-def _run_bytes(model: nn.Module, steps: Sequence[Algorithm], calib: CalibrationSet, batch_size: int,
-               pipeline: str) -> int | None:
-    """The estimated memory of this CPU run beyond the model's weights (None: no estimate for it)."""
+def _estimate_kw(model: nn.Module, steps: Sequence[Algorithm], calib: CalibrationSet,
+                 batch_size: int) -> tuple[estimate.ModelShape | None, dict[str, Any]]:
+    """The model's shape (None: no config to read it from) and the estimate's arguments for this run."""
     try:
         shape = estimate.ModelShape.from_config(model.config)
     except (AttributeError, ValueError):
-        return None
+        shape = None
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    est = estimate.estimate(shape, list(steps), len(calib.ids), calib.ids.shape[1], batch_size,
-                            "two-pass" if pipeline == "two-pass" else "sequential", dtype=dtype)
-    return est.host_peak - est.host_model
+    return shape, dict(method=list(steps), num_samples=len(calib.ids), seqlen=calib.ids.shape[1],
+                       batch_size=batch_size, dtype=dtype)
+
+
+def _auto(model: nn.Module, steps: Sequence[Algorithm], calib: CalibrationSet, batch_size: int,
+          device: torch.device, offload_activations: bool) -> tuple[str, bool]:
+    """``pipeline="auto"``: the fastest mode whose estimate fits in free memory (:mod:`ptqkit.plan`)."""
+    shape, kw = _estimate_kw(model, steps, calib, batch_size)
+    settings, why = plan.resolve(shape, kw, device)
+    if distributed.is_distributed():  # every rank must run the same mode: the leanest any rank needs
+        modes = [(m.pipeline, m.offload_activations) for m in plan.MODES]
+        mine = modes.index((settings["pipeline"], settings["offload_activations"]))
+        lean = max(distributed.all_gather_int(mine))
+        if lean != mine:
+            settings, why = dict(zip(("pipeline", "offload_activations"), modes[lean])), "another rank needs it"
+    log.info("pipeline auto: %s%s (%s)", settings["pipeline"],
+             ", activations on the host" if settings["offload_activations"] else "", why)
+    return settings["pipeline"], settings["offload_activations"] or offload_activations
+
+
+def _run_bytes(model: nn.Module, steps: Sequence[Algorithm], calib: CalibrationSet, batch_size: int,
+               pipeline: str) -> int | None:
+    """The estimated memory of this CPU run beyond the model's weights (None: no estimate for it)."""
+    shape, kw = _estimate_kw(model, steps, calib, batch_size)
+    if shape is None:
+        return None
+    est = estimate.estimate(shape, **kw, pipeline="two-pass" if pipeline == "two-pass" else "sequential")
+    return est.host_peak - est.host_model - est.allocator  # the live set
+
+
+def _trimmer(model: nn.Module, steps: Sequence[Algorithm], calib: CalibrationSet, batch_size: int, pipeline: str,
+             device: torch.device, info: dict[str, Any]) -> Callable[[], None] | None:
+    """On the host: what returns freed memory to the kernel at barriers (``host.trim_barriers``), recorded in
+    ``info["malloc"]`` ("trim": every barrier, "trim_free": past ``host.FREE_OVER``)."""
+    if device.type != "cpu":
+        return None
+    fn = host.trim_barriers(_run_bytes(model, steps, calib, batch_size, pipeline), estimate.free_memory("cpu")[0])
+    info["malloc"] = fn.__name__ if fn else None
+    return fn
 
 
 def _data_free(model: nn.Module, quantizer: Quantizer, ignore: list[str] | None,
@@ -182,7 +223,7 @@ def _shard(calib: CalibrationSet, device: torch.device, info: dict[str, Any]) ->
 
 
 def run(model: nn.Module, calib: CalibrationSet | None, steps: Sequence[Algorithm], ignore: list[str] | None = None,
-        device: str | torch.device | None = None, batch_size: int = 8, pipeline: str = "sequential",
+        device: str | torch.device | None = None, batch_size: int = 8, pipeline: str = "auto",
         offload_activations: bool = False, calibrate_all_experts: bool = False) -> dict[str, Any]:
     """Apply a recipe (transforms then one quantizer) block by block; returns timing facts.
 
@@ -206,15 +247,14 @@ def run(model: nn.Module, calib: CalibrationSet | None, steps: Sequence[Algorith
         info["quantize_s"] = time.perf_counter() - t0
         return info
     calib, device = _shard(calib, device, info)
+    if pipeline == "auto":
+        pipeline, offload_activations = _auto(model, steps, calib, batch_size, device, offload_activations)
+    info.update(pipeline=pipeline, offload_activations=offload_activations)
     arch, store = architecture(model), torch.device("cpu") if offload_activations else device
     inputs, kwargs = capture_inputs(model, calib, path, device, batch_size, store)
     info["capture_s"] = time.perf_counter() - t0
     fp = [inputs] if getattr(steps[-1].config, "gptaq", False) else None  # the fp model's own stream
-    on_barrier = None
-    if device.type == "cpu":  # the host runs the blocks: free memory back to the kernel when it is tight
-        on_barrier = host.trim_barriers(_run_bytes(model, steps, calib, batch_size, pipeline),
-                                        estimate.free_memory("cpu")[0])
-        info["malloc"] = "trim" if on_barrier else None
+    on_barrier = _trimmer(model, steps, calib, batch_size, pipeline, device, info)
     for i, block in enumerate(tqdm(blocks, desc=f"{'+'.join(s.name for s in steps)}: blocks", unit="block")):
         tb, prefix = time.perf_counter(), f"{path}.{i}."
         if offloaded:

@@ -122,7 +122,8 @@ class Sequencer:
         """Put each linear's final (quantized) module in place of its stand-in."""
         for name, w in self.wrapped.items():
             self.block.set_submodule(name, w.final)
-        self.current.clear()
+            w.seq = w.inner = w.stats = None  # no cycle (stand-in <-> sequencer) keeps this block's tensors alive
+        self.wrapped, self.current, self.waiting, self.block = {}, {}, {}, None
 
     def _module(self, name: str) -> nn.Module:
         w = self.wrapped.get(name)
@@ -323,15 +324,35 @@ def fp_inputs(block: nn.Module, linears: dict[str, nn.Module], ctx: BlockContext
     return outs, seen
 
 
+def output_slots(inputs: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """One buffer for a block's outputs, as per-batch views shaped like ``inputs`` (None: shapes differ).
+
+    Each batch copies its output in when it finishes, so the block's outputs (the next block's inputs, alive
+    for the whole next block) are one allocation rather than one heap block per batch between the
+    short-lived activations: on a CPU, glibc can then reuse and return the space those leave (measured:
+    docs/scaling.md)."""
+    if not inputs or any(x.shape[1:] != inputs[0].shape[1:] or x.dtype != inputs[0].dtype
+                         or x.device != inputs[0].device for x in inputs):
+        return None
+    buf = torch.empty((sum(x.shape[0] for x in inputs), *inputs[0].shape[1:]), dtype=inputs[0].dtype,
+                      device=inputs[0].device)
+    return list(buf.split([x.shape[0] for x in inputs]))
+
+
 def quantize_pass(q: Quantizer, block: nn.Module, prefix: str, linears: dict[str, nn.Module], ctx: BlockContext,
                   two_pass: bool = False, in_pass: Sequence[Transform] = (),
                   on_barrier: Callable[[], None] | None = None) -> list[torch.Tensor]:
     """Quantize ``linears`` of ``block`` and return its quantized outputs per batch (see the module
     docstring); ``two_pass``: observe every linear with fp weights first, quantize, then run again;
     ``on_barrier`` is called whenever every batch is paused."""
+    slots = output_slots(ctx.inputs)
+
     def fwd(i: int) -> torch.Tensor:
         h = send_to_device(ctx.inputs[i], ctx.device)
-        return block_output(block(h, **send_to_device(ctx.kwargs[i], ctx.device))).to(ctx.inputs[i].device)
+        out = block_output(block(h, **send_to_device(ctx.kwargs[i], ctx.device)))
+        if slots is not None and out.shape == slots[i].shape and out.dtype == slots[i].dtype:
+            return slots[i].copy_(out)
+        return out.to(ctx.inputs[i].device)
 
     seq = Sequencer(q, ctx, observe_only=two_pass, in_pass=in_pass, on_barrier=on_barrier)
     seq.wrap(block, prefix, linears)

@@ -252,7 +252,7 @@ def compare(model: str | tuple[nn.Module, Any] = DEFAULT_MODEL, methods: Sequenc
             output: str | os.PathLike = "ptqkit-compare",
             calibration: CalibrationSpec | None = None, evaluation: EvaluationSpec | None = None,
             options: dict[str, Any] | None = None, ignore: list[str] | None = None, force: bool = False,
-            save_format: str | None = None, batch_size: int = 8, pipeline: str = "sequential",
+            save_format: str | None = None, batch_size: int = 8, pipeline: str = "auto",
             device: str | None = None, keep_cache: bool = False) -> dict[str, Any]:
     """Compare methods under one calibration set and one evaluation protocol; returns ``results.json``'s content.
 

@@ -74,7 +74,7 @@ class JobSpec:
     evaluation: Optional[EvaluationSpec] = field(default_factory=EvaluationSpec)  # false / null: skip
     output: OutputSpec = field(default_factory=OutputSpec)
     batch_size: int = 8
-    pipeline: str = "sequential"
+    pipeline: str = "auto"
     device: Optional[str] = None
     source_file: str = field(default="<dict>", metadata={"yaml": False})
     source_lines: dict = field(default_factory=dict, metadata={"yaml": False}, repr=False)
