@@ -12,7 +12,7 @@ the live set. Remedies, none a setting of the user's process:
   limit once threads have used it.
 - :func:`trim_barriers`: at a barrier, when every batch is paused, the sequencer returns freed heap pages
   to the kernel (``malloc_trim(0)``) once glibc holds more than ``FREE_OVER`` of the run's live set in
-  free chunks (about 2 trims per block on SmolLM2: 1.7 GiB instead of 2.7 GiB, +10% time); at every
+  free chunks (SmolLM2: 1.7 GiB instead of 2.7 GiB, about +10% time); at every
   barrier when even ``ARENA_FACTOR`` times the live set would not fit in free memory (the peak then
   follows the live set, +20% time). :func:`slack` is what the estimate adds for it.
   ``PTQKIT_MALLOC_TUNE=trim`` forces trimming at every barrier, ``0`` turns every remedy off.
