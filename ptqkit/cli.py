@@ -109,7 +109,7 @@ def _table(rep: Any, times: dict[str, float], size_fp: float, size_q: float, sha
 
 def _estimate_kw(args: argparse.Namespace, steps: Any, host_budget: int | None = None) -> dict[str, Any]:
     kw = dict(method=steps, num_samples=args.num_samples, seqlen=args.seqlen, batch_size=args.batch_size,
-              pipeline={"fp-outputs": "sequential"}.get(args.pipeline, args.pipeline), device=args.device or "cpu",
+              pipeline=args.pipeline, device=args.device or "cpu",
               offload_activations=args.offload_activations)
     if getattr(args, "offload_folder", None) or args.max_host_memory is not None:  # a disk-offloaded run
         kw["host_weights_budget"] = host_budget or 0

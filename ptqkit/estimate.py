@@ -210,8 +210,9 @@ def estimate(
     for name, v in (("num_samples", num_samples), ("seqlen", seqlen), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}={v!r} must be a positive integer")
-    if pipeline not in ("sequential", "two-pass"):
-        raise ValueError(f"pipeline={pipeline!r}: choose sequential or two-pass")
+    if pipeline not in ("sequential", "two-pass", "fp-outputs"):
+        raise ValueError(f"pipeline={pipeline!r}: choose sequential or two-pass (plan.choose resolves auto)")
+    pipeline = "two-pass" if pipeline == "two-pass" else "sequential"  # fp-outputs holds what sequential does
     steps = _steps(method)
     e = torch.empty((), dtype=dtype).element_size()
     s, h, i = shape, shape.hidden, shape.intermediate

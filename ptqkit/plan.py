@@ -99,7 +99,7 @@ def choose(shape: ModelShape, kw: dict[str, Any], host_free: int, dev_free: int 
 def table(shape: ModelShape, kw: dict[str, Any], host_free: int, dev_free: int | None, resident: bool = False) -> str:
     """Every mode's peak on the device and the host, its time and whether it fits; ``auto``'s pick marked."""
     opts = options(shape, kw, host_free, dev_free, resident)
-    pick = choose(shape, kw, host_free, dev_free, resident)[0]
+    pick = next((m for m, _, ok in opts if ok), opts[-1][0])  # as choose decides
     w = max(len(m.name) for m, _, _ in opts)
     free = (f"{dev_free / GIB:.1f} GiB free on the device, " if dev_free is not None else "") + \
         f"{host_free / GIB:.1f} GiB on the host"
@@ -110,13 +110,13 @@ def table(shape: ModelShape, kw: dict[str, Any], host_free: int, dev_free: int |
     return "\n".join(lines)
 
 
-def resolve(shape: ModelShape | None, kw: dict[str, Any], device: str | torch.device) -> tuple[dict[str, Any], str]:
-    """``pipeline="auto"`` at run time (the model loaded): the runner settings of the mode it takes, and why."""
+def resolve(shape: ModelShape | None, kw: dict[str, Any], device: str | torch.device) -> tuple[Mode, str]:
+    """``pipeline="auto"`` at run time (the model loaded): the mode it takes, and why."""
     if shape is None:
-        return {"pipeline": "sequential", "offload_activations": False}, "no model config to estimate from"
+        return MODES[0], "no model config to estimate from"
     host_free, dev_free = E.free_memory(str(device))
     m, _, why = choose(shape, {**kw, "device": str(device)}, host_free, dev_free, resident=True)
-    return m.settings, why
+    return m, why
 
 
 def suggest(shape: ModelShape, kw: dict[str, Any], host_free: int, dev_free: int | None) -> list[str]:
@@ -148,7 +148,7 @@ def check(shape: ModelShape, extra_host: int = 0, **kw: Any) -> MemoryEstimate:
     host_free -= extra_host
     if kw.get("pipeline", "auto") == "auto":
         m, est, why = choose(shape, kw, host_free, dev_free)
-        log.info("pipeline auto: %s (%s)", m.name, why)
+        log.info("pipeline auto: %s (%s)", m.name, why)  # before the load; the runner decides again at run time
         kw = {**kw, **m.settings}
     est = E.estimate(shape, **kw)
     if fits(est, host_free, dev_free):

@@ -163,16 +163,12 @@ def _auto(model: nn.Module, steps: Sequence[Algorithm], calib: CalibrationSet, b
           device: torch.device, offload_activations: bool) -> tuple[str, bool]:
     """``pipeline="auto"``: the fastest mode whose estimate fits in free memory (:mod:`ptqkit.plan`)."""
     shape, kw = _estimate_kw(model, steps, calib, batch_size)
-    settings, why = plan.resolve(shape, kw, device)
+    mode, why = plan.resolve(shape, kw, device)
     if distributed.is_distributed():  # every rank must run the same mode: the leanest any rank needs
-        modes = [(m.pipeline, m.offload_activations) for m in plan.MODES]
-        mine = modes.index((settings["pipeline"], settings["offload_activations"]))
-        lean = max(distributed.all_gather_int(mine))
-        if lean != mine:
-            settings, why = dict(zip(("pipeline", "offload_activations"), modes[lean])), "another rank needs it"
-    log.info("pipeline auto: %s%s (%s)", settings["pipeline"],
-             ", activations on the host" if settings["offload_activations"] else "", why)
-    return settings["pipeline"], settings["offload_activations"] or offload_activations
+        lean = plan.MODES[max(distributed.all_gather_int(plan.MODES.index(mode)))]
+        mode, why = (mode, why) if lean == mode else (lean, "another rank needs it")
+    log.info("pipeline auto: %s (%s)", mode.name, why)
+    return mode.pipeline, mode.offload_activations or offload_activations
 
 
 def _run_bytes(model: nn.Module, steps: Sequence[Algorithm], calib: CalibrationSet, batch_size: int,
@@ -181,7 +177,7 @@ def _run_bytes(model: nn.Module, steps: Sequence[Algorithm], calib: CalibrationS
     shape, kw = _estimate_kw(model, steps, calib, batch_size)
     if shape is None:
         return None
-    est = estimate.estimate(shape, **kw, pipeline="two-pass" if pipeline == "two-pass" else "sequential")
+    est = estimate.estimate(shape, **kw, pipeline=pipeline)
     return est.host_peak - est.host_model - est.allocator  # the live set
 
 
