@@ -8,10 +8,6 @@ writes checkpoints and reports (``is_main`` / ``barrier``).
 
 Without a process group (a plain ``python`` run) every function here is a no-op or returns the
 single-process answer, so the algorithms call the hooks unconditionally.
-
-``init_from_env`` starts the process group from the variables torchrun sets (``RANK``,
-``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``): NCCL when the calibration runs
-on CUDA, gloo on the CPU.
 """
 from __future__ import annotations
 
@@ -68,7 +64,8 @@ def env_rank() -> int:
 
 
 def init_from_env(device: str | torch.device | None = None) -> bool:
-    """Start the process group from torchrun's environment when ``WORLD_SIZE > 1``.
+    """Start the process group from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+    ``MASTER_ADDR``, ``MASTER_PORT``) when ``WORLD_SIZE > 1``.
 
     Returns whether the run is distributed. A group someone already started is used as it is.
     Backend: NCCL when ``device`` is CUDA, else gloo.
@@ -81,9 +78,8 @@ def init_from_env(device: str | torch.device | None = None) -> bool:
     if missing:
         raise ValueError(f"WORLD_SIZE>1 but {missing} are not set: launch with torchrun (it sets them), "
                          "or unset WORLD_SIZE for a single-process run")
-    cuda = device is not None and torch.device(device).type == "cuda"
-    backend = "nccl" if cuda else "gloo"
-    if cuda:
+    backend = "nccl" if device is not None and torch.device(device).type == "cuda" else "gloo"
+    if backend == "nccl":
         torch.cuda.set_device(local_device(device))
     dist.init_process_group(backend=backend, timeout=TIMEOUT)
     log.info("distributed calibration: rank %d of %d (%s)", rank(), world_size(), backend)
@@ -107,12 +103,6 @@ def shard(n: int) -> slice:
     return slice(r * n // w, (r + 1) * n // w)
 
 
-def _comm_device(t: torch.Tensor) -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """Reduce ``t`` in place over all ranks (``op``: sum, max, min); a no-op in a single process.
 
@@ -122,7 +112,7 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         raise ValueError(f"op={op!r}: use one of {sorted(_OPS)}")
     if not is_distributed():
         return t
-    where = _comm_device(t)
+    where = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     buf = t if t.device == where and t.is_contiguous() else t.detach().to(where).contiguous()
     dist.all_reduce(buf, op=getattr(dist.ReduceOp, _OPS[op]))
     if buf is not t:
@@ -132,15 +122,11 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
 
 def all_reduce_float(value: float, op: str = "sum") -> float:
     """A Python number reduced over all ranks (float64)."""
-    if not is_distributed():
-        return float(value)
     return float(all_reduce_(torch.tensor([float(value)], dtype=torch.float64), op)[0])
 
 
 def all_gather_int(value: int) -> list[int]:
     """One integer from every rank, in rank order (``[value]`` in a single process)."""
-    if not is_distributed():
-        return [int(value)]
     t = torch.zeros(world_size(), dtype=torch.int64)
     t[rank()] = int(value)
     return [int(v) for v in all_reduce_(t)]

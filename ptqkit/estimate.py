@@ -158,10 +158,8 @@ class MemoryEstimate:
         rows += [("freed, kept by malloc", self.allocator)] if self.allocator else []
         rows += [(f"peak on {self.device}", self.device_peak)]
         rows += [("host: model weights", self.host_model), ("host: quantized blocks", self.host_quantized)]
-        if not self.same_memory:
-            rows += [("host: block inputs/outputs", self.host_activations), ("peak on host", self.host_peak)]
-        else:
-            rows += [("peak on host (device is the host)", self.host_peak)]
+        rows += ([("peak on host (device is the host)", self.host_peak)] if self.same_memory else
+                 [("host: block inputs/outputs", self.host_activations), ("peak on host", self.host_peak)])
         w = max(len(r[0]) for r in rows)
         return "\n".join(f"{name:<{w}}  {b / GIB:10.3f} GiB" for name, b in rows)
 
@@ -279,10 +277,7 @@ def free_memory(device: str) -> tuple[int, int | None]:
     except (OSError, AttributeError):
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     dev = torch.device(device)
-    if dev.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(dev)
-        return avail, free
-    return avail, None
+    return avail, (torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None)
 
 
 # ------------------------------------------------------------------------- measurement

@@ -71,11 +71,8 @@ def options(shape: ModelShape, kw: dict[str, Any], host_free: int, dev_free: int
     """Every mode on this device: ``(mode, its estimate, whether it fits)``, fastest first. ``kw``: the
     arguments of :func:`~ptqkit.estimate.estimate` other than the pipeline."""
     kw = {k: v for k, v in kw.items() if k not in ("pipeline", "offload_activations")}
-    out = []
-    for m in modes(kw.get("device", "cpu")):
-        est = E.estimate(shape, **kw, **m.settings)
-        out.append((m, est, fits(est, host_free, dev_free, resident)))
-    return out
+    ests = [(m, E.estimate(shape, **kw, **m.settings)) for m in modes(kw.get("device", "cpu"))]
+    return [(m, est, fits(est, host_free, dev_free, resident)) for m, est in ests]
 
 
 def choose(shape: ModelShape, kw: dict[str, Any], host_free: int, dev_free: int | None,

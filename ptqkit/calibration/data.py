@@ -75,15 +75,12 @@ def _builtin_split() -> dict[str, tuple[str, ...]]:
     from pydoc_data.topics import topics
 
     budget = EVAL_FRACTION * sum(len(t) for t in topics.values())
-    by_hash = sorted(topics, key=lambda name: hashlib.sha256(f"ptqkit:{name}".encode()).hexdigest())
-    evaluation: list[str] = []
-    eval_chars = 0
-    for name in by_hash:
-        if eval_chars + len(topics[name]) <= budget:
+    evaluation, chars = [], 0
+    for name in sorted(topics, key=lambda name: hashlib.sha256(f"ptqkit:{name}".encode()).hexdigest()):
+        if chars + len(topics[name]) <= budget:
             evaluation.append(name)
-            eval_chars += len(topics[name])
-    calibration = sorted(set(topics) - set(evaluation))
-    return {"calibration": tuple(calibration), "evaluation": tuple(sorted(evaluation))}
+            chars += len(topics[name])
+    return {"calibration": tuple(sorted(set(topics) - set(evaluation))), "evaluation": tuple(sorted(evaluation))}
 
 
 def builtin_text(split: Literal["calibration", "evaluation"]) -> str:
@@ -109,8 +106,7 @@ def builtin_text(split: Literal["calibration", "evaluation"]) -> str:
 
 def _take_texts(ds: Any, max_docs: int | None = None, max_chars: int | None = None) -> list[str]:
     """The "text" of a dataset's rows in order, stopping at ``max_docs`` rows or ``max_chars``."""
-    texts: list[str] = []
-    chars = 0
+    texts, chars = [], 0
     for batch in ds.iter(batch_size=1000):
         for text in batch["text"]:
             if (max_docs is not None and len(texts) >= max_docs) or (max_chars is not None and chars >= max_chars):
@@ -230,21 +226,19 @@ def _texts(source: str | os.PathLike | Sequence[str], split: Literal["calibratio
     raise TypeError(f"unsupported source type {type(source).__name__}: use a name, a path, a list of strings or a tensor")
 
 
-def _require_tokenizer(tokenizer: Any, what: str) -> None:
+def _tokenize(source: str | os.PathLike | Sequence[str], tokenizer: Any,
+              split: Literal["calibration", "evaluation"]) -> tuple[torch.Tensor, str]:
+    """A text source's documents joined with "\\n\\n" and tokenized once -> ``(LongTensor [T], description)``."""
     if tokenizer is None:
-        raise ValueError(f"{what} text needs a tokenizer: pass tokenizer=..., or give token ids as a tensor")
-
-
-def _tokenize(texts: list[str], tokenizer: Any, what: str) -> torch.Tensor:
-    """Join documents with "\\n\\n" and tokenize once -> LongTensor [T]."""
+        raise ValueError(f"{split} text needs a tokenizer: pass tokenizer=..., or give token ids as a tensor")
+    texts, desc = _texts(source, split)
     text = "\n\n".join(texts)
     if not text.strip():
-        raise ValueError(f"{what} text is empty")
-    ids = tokenizer(text, return_tensors="pt")["input_ids"]
-    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)  # [1, T] or [T] -> [T]
+        raise ValueError(f"{split} text is empty")
+    ids = torch.as_tensor(tokenizer(text, return_tensors="pt")["input_ids"], dtype=torch.long).reshape(-1)  # [1, T] or [T] -> [T]
     if ids.numel() == 0:
-        raise ValueError(f"{what} text gave no tokens")
-    return ids
+        raise ValueError(f"{split} text gave no tokens")
+    return ids, desc
 
 
 def _check_ids(ids: Any, ndim: int, what: str) -> torch.Tensor:
@@ -284,20 +278,14 @@ def load_calibration(
         return CalibrationSet.from_ids(ids, source=f"tensor{list(ids.shape)}")
     if num_samples < 1 or seqlen < 1:
         raise ValueError(f"num_samples={num_samples} and seqlen={seqlen} must both be at least 1")
-    _require_tokenizer(tokenizer, "calibration")
-    texts, desc = _texts(source, "calibration")
-    tokens = _tokenize(texts, tokenizer, "calibration")
+    tokens, desc = _tokenize(source, tokenizer, "calibration")
     total = tokens.numel()
     if total < seqlen:
-        raise ValueError(
-            f"calibration text has {total} tokens but seqlen={seqlen} needs at least {seqlen}: "
-            "give more text or lower seqlen"
-        )
+        raise ValueError(f"calibration text has {total} tokens but seqlen={seqlen} needs at least {seqlen}: "
+                         "give more text or lower seqlen")
     if num_samples * seqlen > total:
-        log.warning(
-            "calibration: %d samples x %d tokens = %d exceeds the %d available tokens; windows overlap",
-            num_samples, seqlen, num_samples * seqlen, total,
-        )
+        log.warning("calibration: %d samples x %d tokens = %d exceeds the %d available tokens; windows overlap",
+                    num_samples, seqlen, num_samples * seqlen, total)
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, total - seqlen + 1, (num_samples,), generator=gen)  # [N]
     ids = tokens[starts[:, None] + torch.arange(seqlen)]  # [N, 1] + [L] -> [N, L]
@@ -313,6 +301,4 @@ def load_eval_ids(dataset: Source, tokenizer: Any = None) -> torch.Tensor:
     """
     if isinstance(dataset, torch.Tensor):
         return _check_ids(dataset, 1, "evaluation")
-    _require_tokenizer(tokenizer, "evaluation")
-    texts, _ = _texts(dataset, "evaluation")
-    return _tokenize(texts, tokenizer, "evaluation")
+    return _tokenize(dataset, tokenizer, "evaluation")[0]

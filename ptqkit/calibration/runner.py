@@ -171,23 +171,17 @@ def _auto(model: nn.Module, steps: Sequence[Algorithm], calib: CalibrationSet, b
     return mode.pipeline, mode.offload_activations or offload_activations
 
 
-def _run_bytes(model: nn.Module, steps: Sequence[Algorithm], calib: CalibrationSet, batch_size: int,
-               pipeline: str) -> int | None:
-    """The estimated memory of this CPU run beyond the model's weights (None: no estimate for it)."""
-    shape, kw = _estimate_kw(model, steps, calib, batch_size)
-    if shape is None:
-        return None
-    est = estimate.estimate(shape, **kw, pipeline=pipeline)
-    return est.host_peak - est.host_model - est.allocator  # the live set
-
-
 def _trimmer(model: nn.Module, steps: Sequence[Algorithm], calib: CalibrationSet, batch_size: int, pipeline: str,
              device: torch.device, info: dict[str, Any]) -> Callable[[], None] | None:
-    """On the host: what returns freed memory to the kernel at barriers (``host.trim_barriers``), recorded in
-    ``info["malloc"]`` ("trim": every barrier, "trim_free": past ``host.FREE_OVER``)."""
+    """On the host: what returns freed memory to the kernel at barriers (``host.trim_barriers``, for the run's
+    estimated live set: its memory beyond the model's weights), recorded in ``info["malloc"]`` ("trim": every
+    barrier, "trim_free": past ``host.FREE_OVER``)."""
     if device.type != "cpu":
         return None
-    fn = host.trim_barriers(_run_bytes(model, steps, calib, batch_size, pipeline), estimate.free_memory("cpu")[0])
+    shape, kw = _estimate_kw(model, steps, calib, batch_size)
+    est = estimate.estimate(shape, **kw, pipeline=pipeline) if shape is not None else None
+    live = est.host_peak - est.host_model - est.allocator if est is not None else None
+    fn = host.trim_barriers(live, estimate.free_memory("cpu")[0])
     info["malloc"] = fn.__name__ if fn else None
     return fn
 

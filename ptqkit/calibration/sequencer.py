@@ -41,10 +41,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-from accelerate.utils import send_to_device
 from torch import nn
 
-from ..algorithms.base import Barrier, BlockContext, Quantizer, Transform, block_output
+from ..algorithms.base import Barrier, BlockContext, Quantizer, Transform
 from ..layers import QuantLinear, divide_rows_
 
 log = logging.getLogger(__name__)
@@ -110,13 +109,12 @@ class Sequencer:
         self.local = threading.local()            # .batch: the calibration batch this thread runs
         self.error: BaseException | None = None
 
-    def wrap(self, block: nn.Module, prefix: str, linears: dict[str, nn.Module]) -> dict[str, Wrapped]:
+    def wrap(self, block: nn.Module, prefix: str, linears: dict[str, nn.Module]) -> None:
         """Put stand-ins in place of ``linears`` (short names) in ``block``."""
         self.block = block
         self.wrapped = {name: Wrapped(prefix + name, name, m, self) for name, m in linears.items()}
         for name, w in self.wrapped.items():
             block.set_submodule(name, w)
-        return self.wrapped
 
     def unwrap(self) -> None:
         """Put each linear's final (quantized) module in place of its stand-in."""
@@ -130,12 +128,9 @@ class Sequencer:
         return w.inner if w is not None else self.block.get_submodule(name)
 
     def _divide_rows(self, name: str, s: torch.Tensor) -> None:
+        divide_rows_(self._module(name), s)
         w = self.wrapped.get(name)
-        if w is None:
-            divide_rows_(self.block.get_submodule(name), s)
-            return
-        divide_rows_(w.inner, s)
-        if w.final is not w.inner:
+        if w is not None and w.final is not w.inner:
             divide_rows_(w.final, s)
 
     def _shared(self, arrivals: list[tuple[int, torch.Tensor]]) -> _Input | None:
@@ -283,14 +278,11 @@ def observe_pass(step: Transform, block: nn.Module, linears: dict[str, nn.Module
     def hook(name: str) -> Callable:
         def fn(mod: nn.Module, args: tuple) -> None:
             x = args[0]
-            if last[0] is x:
-                st = last[1]
-            else:
-                st = stats[name] if name in stats else step.new_stats()
-                if st is not None:
-                    st.add(x)
-            stats.setdefault(name, st)
-            last[:] = [x, st]
+            if last[0] is not x:
+                last[:] = [x, stats[name] if name in stats else step.new_stats()]
+                if last[1] is not None:
+                    last[1].add(x)
+            stats.setdefault(name, last[1])
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
@@ -312,8 +304,7 @@ def fp_inputs(block: nn.Module, linears: dict[str, nn.Module], ctx: BlockContext
     handles = [m.register_forward_pre_hook(lambda mod, a, n=n: seen[n].append(a[0])) for n, m in linears.items()]
     try:
         with torch.no_grad():
-            outs = [block_output(block(send_to_device(x, ctx.device), **send_to_device(kw, ctx.device))).to(x.device)
-                    for x, kw in zip(inputs, ctx.kwargs)]
+            outs = [ctx.forward_one(block, x, kw).to(x.device) for x, kw in zip(inputs, ctx.kwargs)]
     finally:
         for h in handles:
             h.remove()
@@ -348,8 +339,7 @@ def quantize_pass(q: Quantizer, block: nn.Module, prefix: str, linears: dict[str
     slots = output_slots(ctx.inputs)
 
     def fwd(i: int) -> torch.Tensor:
-        h = send_to_device(ctx.inputs[i], ctx.device)
-        out = block_output(block(h, **send_to_device(ctx.kwargs[i], ctx.device)))
+        out = ctx.forward_one(block, ctx.inputs[i], ctx.kwargs[i])
         if slots is not None and out.shape == slots[i].shape and out.dtype == slots[i].dtype:
             return slots[i].copy_(out)
         return out.to(ctx.inputs[i].device)
