@@ -127,12 +127,11 @@ def _shape(model: str) -> Any:
         return None
 
 
-def _memory_check(args: argparse.Namespace, steps: Any, host_budget: int | None) -> int | None:
+def _memory_check(args: argparse.Namespace, steps: Any, host_budget: int | None, shape: Any) -> int | None:
     """Refuse a run whose estimated peak exceeds free memory (before the model loads); returns the host
     memory for a disk-offloaded model's weights (what the run leaves free, unless given)."""
     from . import estimate, plan
 
-    shape = _shape(args.model)
     if shape is None:  # nothing to estimate from: run anyway
         return host_budget
     # the unquantized copy kept for the evaluation doubles the model's weights on the host (offloaded: it
@@ -228,7 +227,7 @@ def _plan(args: argparse.Namespace) -> tuple[Any, dict[str, Any], list, Path, in
         if shape is not None:
             formats.check_plan(args.format, q, shape.linear_shapes())
     if not args.no_memory_check:
-        budget = _memory_check(args, steps, budget)
+        budget = _memory_check(args, steps, budget, shape)
     return method, options, steps, out, budget
 
 
@@ -263,17 +262,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                  max_host_memory=budget)
     rep = _evaluate(args, model, tok, baseline, eval_ids, times) if baseline is not None else None
     del baseline
-    if not main_rank:
-        if not args.no_save:  # rank 0 writes; the others wait for it at the barrier inside save
-            api.save(model, out, format=args.format, tokenizer=tok, overwrite=args.overwrite, dtype=_dtype(args.dtype))
-        return 0
-    print(_table(rep, times, size_fp, api.model_size_mb(model, disk_dtype),
-                 model.ptqkit_info["coverage"]["quantized_share"]))
-    print("peak memory (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in peak_memory_mb().items()))
-    if not args.no_save:  # report: in the same atomic write
+    if main_rank:
+        print(_table(rep, times, size_fp, api.model_size_mb(model, disk_dtype),
+                     model.ptqkit_info["coverage"]["quantized_share"]))
+        print("peak memory (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in peak_memory_mb().items()))
+    if not args.no_save:  # rank 0 writes, the report in the same atomic write; the others wait at save's barrier
         api.save(model, out, format=args.format, tokenizer=tok, report=rep, overwrite=args.overwrite,
                  dtype=_dtype(args.dtype))
-        print(f"saved to {out} ({formats.served_by(model, out)}; docs/serving.md); ptqkit.load({str(out)!r}) reads it")
+        if main_rank:
+            print(f"saved to {out} ({formats.served_by(model, out)}; docs/serving.md); ptqkit.load({str(out)!r}) reads it")
     return 0
 
 
@@ -350,6 +347,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+# errors ptqkit raises with a message meant for the user (named after the problem and its fix)
+_OURS = (ValueError, FileNotFoundError, MemoryError, ConnectionError, FloatingPointError)
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "run": cmd_jobs, "batch": cmd_jobs,
             "estimate": cmd_estimate}
 
@@ -369,13 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         msg = str(e).strip() or type(e).__name__
-        log.error("%s%s (--debug shows the traceback)", "" if _ours(e) else f"{type(e).__name__}: ", msg)
+        log.error("%s%s (--debug shows the traceback)", "" if isinstance(e, _OURS) else f"{type(e).__name__}: ", msg)
         return 2
-
-
-def _ours(e: Exception) -> bool:
-    """Errors ptqkit raises with a message meant for the user (named after the problem and its fix)."""
-    return isinstance(e, (ValueError, FileNotFoundError, MemoryError, ConnectionError, FloatingPointError))
 
 
 def entry() -> None:

@@ -29,18 +29,10 @@ def _model_name(model: nn.Module) -> str:
     return name or type(model).__name__
 
 
-def evaluate(
-    model: nn.Module,
-    tokenizer: Any,
-    baseline: nn.Module | str | os.PathLike | None = None,
-    dataset: Source = "builtin",
-    seqlen: int = 2048,
-    max_windows: int | None = None,
-    device: str | torch.device | None = None,
-    method: str | None = None,
-    calibration_fingerprint: str | None = None,
-    config: dict[str, Any] | None = None,
-) -> Report:
+def evaluate(model: nn.Module, tokenizer: Any, baseline: nn.Module | str | os.PathLike | None = None,
+             dataset: Source = "builtin", seqlen: int = 2048, max_windows: int | None = None,
+             device: str | torch.device | None = None, method: str | None = None,
+             calibration_fingerprint: str | None = None, config: dict[str, Any] | None = None) -> Report:
     """Evaluate ``model`` on ``dataset`` (see ``load_eval_ids``), against ``baseline`` if given.
 
     ``baseline`` is a model or a name/path for ``ptqkit.load_model``. Without one the report
@@ -59,24 +51,14 @@ def evaluate(
     info: dict[str, Any] = getattr(model, "ptqkit_info", None) or {}
     ids = load_eval_ids(dataset, tokenizer)
     check_ids(ids, model, "evaluation")
-    res = evaluate_windows(
-        model, ids, seqlen=seqlen, baseline=baseline, max_windows=max_windows,
-        device=device, dataset=_dataset_name(dataset),
-    )
+    res = evaluate_windows(model, ids, seqlen=seqlen, baseline=baseline, max_windows=max_windows, device=device,
+                           dataset=_dataset_name(dataset))
     ppl_fp, ppl_q = res["ppl_fp"], res["ppl"]
     delta = None if ppl_fp is None else ppl_q - ppl_fp
     return Report(
-        model=_model_name(model),
-        method=method if method is not None else info.get("method"),
+        model=_model_name(model), method=method if method is not None else info.get("method"),
         config=config if config is not None else dict(info.get("config") or {}),
         calibration_fingerprint=calibration_fingerprint or info.get("calibration_fingerprint"),
-        protocol=res["protocol"],
-        ppl_fp=ppl_fp,
-        ppl_q=ppl_q,
-        delta=delta,
-        delta_pct=None if delta is None else 100.0 * delta / ppl_fp,
-        kl=res["kl"],
-        top1=res["top1"],
-        timings={**(info.get("timings") or {}), **res["timings"]},
-        peak_memory_mb=peak_memory_mb(),
-    )
+        protocol=res["protocol"], ppl_fp=ppl_fp, ppl_q=ppl_q, delta=delta,
+        delta_pct=None if delta is None else 100.0 * delta / ppl_fp, kl=res["kl"], top1=res["top1"],
+        timings={**(info.get("timings") or {}), **res["timings"]}, peak_memory_mb=peak_memory_mb())

@@ -50,16 +50,11 @@ def _safe_exp(x: float) -> float:
     return math.exp(x) if x < 700 else math.inf
 
 
-def max_context(model: nn.Module) -> int | None:
-    """The model's maximum sequence length from its config, if it states one."""
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
-
-
 def _windows(model: nn.Module, ids_1d: torch.Tensor, seqlen: int, max_windows: int | None) -> tuple[int, int]:
     """``(seqlen, windows)`` of the protocol for this model and token stream."""
     if ids_1d.dim() != 1:
         raise ValueError(f"evaluation ids must be 1-D [T], got shape {tuple(ids_1d.shape)}")
-    limit = max_context(model)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)  # the model's maximum, if stated
     if limit is not None and limit < seqlen:
         log.info("seqlen %d exceeds the model's maximum %d; using %d", seqlen, limit, limit)
         seqlen = limit
@@ -95,16 +90,9 @@ def _score(logits_q: torch.Tensor, logits_fp: torch.Tensor | None, target: torch
         sums["agree"] += (lq.argmax(-1) == lfp.argmax(-1)).sum().item()
 
 
-def evaluate_windows(
-    model: nn.Module,
-    ids_1d: torch.Tensor,
-    seqlen: int = 2048,
-    baseline: nn.Module | None = None,
-    max_windows: int | None = None,
-    device: str | torch.device | None = None,
-    dataset: str = "ids",
-    progress: bool = True,
-) -> dict[str, Any]:
+def evaluate_windows(model: nn.Module, ids_1d: torch.Tensor, seqlen: int = 2048, baseline: nn.Module | None = None,
+                     max_windows: int | None = None, device: str | torch.device | None = None, dataset: str = "ids",
+                     progress: bool = True) -> dict[str, Any]:
     """Score ``model`` (and ``baseline`` on the same windows) on the token stream ``ids_1d [T]``.
 
     Returns plain floats: ``ppl``, ``nll``, ``ppl_fp`` / ``kl`` / ``top1`` (``None`` without a

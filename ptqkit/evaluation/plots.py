@@ -16,19 +16,25 @@ MARKERS = "osD^vP*Xh<>"
 LINESTYLES = ("-", "--", ":", "-.")
 
 
-def _figure(width: float = 6.4, height: float = 4.4) -> Any:
+def _axes() -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=120, layout="tight")  # (half the time of bbox_inches="tight")
+    fig = Figure(figsize=(6.4, 4.4), dpi=120, layout="tight")  # (half the time of bbox_inches="tight")
     FigureCanvasAgg(fig)
-    return fig
+    return fig.add_subplot()
 
 
-def _save(fig: Any, path: str | os.PathLike) -> Path:
-    """Write the figure atomically (temporary file, then rename)."""
+def _finish(ax: Any, ppls: Sequence[float | None], xlabel: str, title: str, path: str | os.PathLike) -> Path:
+    """Scale (log beyond a factor of 5), label and write the figure atomically (temporary file, then rename)."""
+    finite = [v for v in ppls if v is not None and 0 < v < float("inf")]
+    if finite and max(finite) / min(finite) > 5:
+        ax.set_yscale("log")
+    ax.set(xlabel=xlabel, ylabel="perplexity (lower is better)", title=title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
     with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png")
+        ax.figure.savefig(tmp, format="png")
     return Path(path)
 
 
@@ -36,20 +42,13 @@ def _group_name(g: int) -> str:
     return "per-channel" if g == -1 else f"g{g}"
 
 
-def _scale_y(ax: Any, values: Sequence[float]) -> None:
-    finite = [v for v in values if v is not None and 0 < v < float("inf")]
-    if finite and max(finite) / min(finite) > 5:
-        ax.set_yscale("log")
-
-
 def plot_ppl_by_bits(rows: Sequence[dict[str, Any]], fp_ppl: float | None, path: str | os.PathLike) -> Path:
     """Perplexity against weight bits: one line per method and group size (marker: method, dash: group)."""
-    fig = _figure()
-    ax = fig.add_subplot()
+    ax = _axes()
     methods = list(dict.fromkeys(r["method"] for r in rows))
     groups = list(dict.fromkeys(r["group_size"] for r in rows))
-    for (mi, m) in enumerate(methods):
-        for (gi, g) in enumerate(groups):
+    for mi, m in enumerate(methods):
+        for gi, g in enumerate(groups):
             pts = sorted((r["bits"], r["ppl"]) for r in rows if r["method"] == m and r["group_size"] == g)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=MARKERS[mi % len(MARKERS)],
@@ -57,20 +56,13 @@ def plot_ppl_by_bits(rows: Sequence[dict[str, Any]], fp_ppl: float | None, path:
     if fp_ppl is not None:
         ax.axhline(fp_ppl, color="black", linewidth=1, linestyle=":", label=f"unquantized ({fp_ppl:.3f})")
     ax.set_xticks(sorted({r["bits"] for r in rows}))
-    _scale_y(ax, [r["ppl"] for r in rows] + [fp_ppl])
-    ax.set_xlabel("weight bits")
-    ax.set_ylabel("perplexity (lower is better)")
-    ax.set_title("Perplexity by bits")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    return _save(fig, path)
+    return _finish(ax, [r["ppl"] for r in rows] + [fp_ppl], "weight bits", "Perplexity by bits", path)
 
 
 def plot_size_vs_ppl(rows: Sequence[dict[str, Any]], fp_ppl: float | None, fp_size_mb: float | None,
                      path: str | os.PathLike) -> Path:
     """Model size against perplexity, one colour per method, each point labelled with its grid."""
-    fig = _figure()
-    ax = fig.add_subplot()
+    ax = _axes()
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for mi, m in enumerate(methods):
         pts = [r for r in rows if r["method"] == m]
@@ -78,14 +70,8 @@ def plot_size_vs_ppl(rows: Sequence[dict[str, Any]], fp_ppl: float | None, fp_si
                    color=f"C{mi}", label=m)
         for r in pts:
             tag = r["label"][len(m) + 1:] if "label" in r else f"w{r['bits']} {_group_name(r['group_size'])}"
-            ax.annotate(tag, (r["size_mb"], r["ppl"]), fontsize=7,
-                        textcoords="offset points", xytext=(4, 3))
+            ax.annotate(tag, (r["size_mb"], r["ppl"]), fontsize=7, textcoords="offset points", xytext=(4, 3))
     if fp_ppl is not None and fp_size_mb is not None:
         ax.scatter([fp_size_mb], [fp_ppl], marker="*", s=120, color="black", label="unquantized")
-    _scale_y(ax, [r["ppl"] for r in rows] + [fp_ppl])
-    ax.set_xlabel("model size (MB, parameters and buffers)")
-    ax.set_ylabel("perplexity (lower is better)")
-    ax.set_title("Size against perplexity")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    return _save(fig, path)
+    return _finish(ax, [r["ppl"] for r in rows] + [fp_ppl], "model size (MB, parameters and buffers)",
+                   "Size against perplexity", path)

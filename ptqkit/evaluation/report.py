@@ -21,18 +21,11 @@ def _version(dist: str) -> str | None:
 
 
 def versions() -> dict[str, str | None]:
-    """Versions of the libraries that shape the numbers."""
-    ptqkit_version = _version("ptqkit")
-    if ptqkit_version is None:
-        import ptqkit
+    """Versions of the libraries that shape the numbers (ptqkit's: installed, else its ``__version__``)."""
+    import ptqkit
 
-        ptqkit_version = getattr(ptqkit, "__version__", None)
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": _version("transformers"),
-        "ptqkit": ptqkit_version,
-    }
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": _version("transformers"),
+            "ptqkit": _version("ptqkit") or getattr(ptqkit, "__version__", None)}
 
 
 def _fmt(x: float | None, spec: str = ".4f") -> str:
@@ -79,16 +72,11 @@ class Report:
         top1 = None if self.top1 is None else 100 * self.top1
         evaluated = "ppl quantized" if self.method or self.ppl_fp is not None else "ppl"
         lines = [
-            f"### {self.model}" + (f" · {self.method}" if self.method else ""),
-            "",
-            f"| ppl fp | {evaluated} | Δ | Δ% | KL | top-1 % |",
-            "|---:|---:|---:|---:|---:|---:|",
-            (
-                f"| {_fmt(self.ppl_fp)} | {_fmt(self.ppl_q)} | {_fmt(self.delta, '+.4f')} "
-                f"| {_fmt(self.delta_pct, '+.2f')} | {_fmt(self.kl, '.5f')} | {_fmt(top1, '.2f')} |"
-            ),
-            "",
-            "protocol: " + ", ".join(f"{k}={v}" for k, v in self.protocol.items()),
+            f"### {self.model}" + (f" · {self.method}" if self.method else ""), "",
+            f"| ppl fp | {evaluated} | Δ | Δ% | KL | top-1 % |", "|---:|---:|---:|---:|---:|---:|",
+            f"| {_fmt(self.ppl_fp)} | {_fmt(self.ppl_q)} | {_fmt(self.delta, '+.4f')} "
+            f"| {_fmt(self.delta_pct, '+.2f')} | {_fmt(self.kl, '.5f')} | {_fmt(top1, '.2f')} |",
+            "", "protocol: " + ", ".join(f"{k}={v}" for k, v in self.protocol.items()),
         ]
         if self.calibration_fingerprint:
             lines.append(f"calibration: {self.calibration_fingerprint[:16]}")

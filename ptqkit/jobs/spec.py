@@ -86,8 +86,7 @@ class JobSpec:
 
     def spec(self) -> dict[str, Any]:
         """The job as plain data (what determines its result; no source positions)."""
-        d = dataclasses.asdict(self)
-        return {k: v for k, v in d.items() if k not in ("source_file", "source_lines")}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("source_file", "source_lines")}
 
 
 class SpecError(ValueError):

@@ -16,13 +16,12 @@ from . import reference
 log = logging.getLogger(__name__)
 
 KINDS = ("wxa16", "w8a8")
-_TRITON_MODULES = {"wxa16": "ptqkit.kernels.triton_wxa16", "w8a8": "ptqkit.kernels.triton_w8a8"}
 _REFERENCE = {"wxa16": reference.wxa16_linear, "w8a8": reference.w8a8_linear}
 
 
 def _triton_impl(kind: str) -> Callable | None:
     try:
-        mod = importlib.import_module(_TRITON_MODULES[kind])
+        mod = importlib.import_module(f"ptqkit.kernels.triton_{kind}")
     except ImportError as e:  # triton missing, or the kernel module not built for this kind
         log.debug("triton kernel %s unavailable: %s", kind, e)
         return None

@@ -17,11 +17,12 @@ import json
 import logging
 import math
 import os
-import tempfile
 from typing import Any, Callable, Hashable, Sequence
 
 import torch
 import triton
+
+from ..files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +66,17 @@ def check_device(t: torch.Tensor) -> None:
         )
 
 
-def m_bucket(m: int) -> int:
-    """Power-of-two bucket of the row count ``m``, so nearby batch sizes share a config."""
-    return 1 << max(m - 1, 0).bit_length()
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+m_bucket = next_pow2  # the power-of-two bucket of a row count: nearby batch sizes share a config
 
 
 def m_class(m: int) -> int:
     """1 for a single row, else the power-of-two bucket, at least 8."""
     return 1 if m == 1 else max(8, m_bucket(m))
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,11 +107,8 @@ def split_k_for(tiles: int, chunks: int, device: torch.device, waves: float = 2.
 
 
 def cache_dir() -> str:
-    root = os.environ.get("PTQKIT_CACHE_DIR")
-    if not root:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(base, "ptqkit")
-    return root
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("PTQKIT_CACHE_DIR") or os.path.join(base, "ptqkit")
 
 
 def autotune_enabled() -> bool:
@@ -156,13 +153,11 @@ class ConfigStore:
 
     def lookup(self, key: Hashable, device: torch.device, table_key: tuple | None = None) -> Config | None:
         """The stored config for ``key``, or ``None`` (no timing happens here)."""
-        cfg = self.best.get(key)
-        if cfg is None:
-            cfg = self._disk_entries(device).get(repr(key))
-            if cfg is None and table_key is not None:
-                cfg = TABLE.get(family(device), {}).get(table_key)
-            if cfg is not None:
-                self.best[key] = cfg
+        cfg = self.best.get(key) or self._disk_entries(device).get(repr(key))
+        if cfg is None and table_key is not None:
+            cfg = TABLE.get(family(device), {}).get(table_key)
+        if cfg is not None:
+            self.best[key] = cfg
         return cfg
 
     def tune(self, key: Hashable, candidates: Sequence[Config], run: Callable[[Config], object],
@@ -192,10 +187,6 @@ class ConfigStore:
         entries[repr(key)] = cfg
         path = self._path(device)
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(entries, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
+            write_json(path, entries)  # atomically
         except OSError as e:
             log.warning("%s: cannot write the config cache %s (%s); keeping it in memory", self.name, path, e)

@@ -11,14 +11,8 @@ import torch
 from ..packing import unpack
 
 
-def dequantize(
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    bits: int,
-    group_len: int,
-    in_features: int,
-) -> torch.Tensor:
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_len: int,
+               in_features: int) -> torch.Tensor:
     """Unpack and dequantize to ``[K, N]`` in the dtype of ``scales`` (stored row order)."""
     codes = unpack(qweight, bits, in_features)                     # [K, N] uint8
     gidx = torch.arange(in_features, device=qweight.device) // group_len
@@ -26,9 +20,8 @@ def dequantize(
     return (codes.to(s.dtype) - zeros[gidx].to(s.dtype)) * s
 
 
-def linear_dequantized(
-    x: torch.Tensor, w: torch.Tensor, perm: torch.Tensor | None = None, bias: torch.Tensor | None = None
-) -> torch.Tensor:
+def linear_dequantized(x: torch.Tensor, w: torch.Tensor, perm: torch.Tensor | None = None,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
     """``y = x[..., perm] @ w + bias`` with an already dequantized ``w [K, N]`` (stored row order)."""
     if perm is not None:
         x = x.index_select(-1, perm.long())
@@ -36,16 +29,8 @@ def linear_dequantized(
     return y + bias.to(y.dtype) if bias is not None else y
 
 
-def wxa16_linear(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    bits: int,
-    group_len: int,
-    perm: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
+def wxa16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                 group_len: int, perm: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``y = x[..., perm] @ dequant(W) + bias`` for a weight-only quantized layer."""
     w = dequantize(qweight, scales, zeros, bits, group_len, x.shape[-1])  # [K, N]
     return linear_dequantized(x, w, perm, bias)
@@ -55,8 +40,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric dynamic int8 quantization per row: ``x [M, K]`` -> ``(int8 [M, K], fp32 scale [M, 1])``."""
     xf = x.float()
     scale = (xf.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-8)
-    q = torch.round(xf / scale).clamp(-127, 127).to(torch.int8)
-    return q, scale
+    return torch.round(xf / scale).clamp(-127, 127).to(torch.int8), scale
 
 
 def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -92,11 +76,9 @@ def int8_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     if a.dim() != 2 or b_t.dim() != 2 or a.shape[1] != b_t.shape[1]:
         raise ValueError(f"int8_matmul: shapes {tuple(a.shape)} @ {tuple(b_t.shape)}ᵀ do not match ([M, K] @ [N, K]ᵀ)")
     (m, k), n = a.shape, b_t.shape[0]
-    if a.is_cuda:
-        if m > 16 and k % 8 == 0 and n % 8 == 0:
-            return torch._int_mm(a.contiguous(), b_t.t())
-        return (a.double() @ b_t.double().t()).to(torch.int32)
-    if not _fp32_matmul_is_ieee():
+    if a.is_cuda and m > 16 and k % 8 == 0 and n % 8 == 0:
+        return torch._int_mm(a.contiguous(), b_t.t())
+    if a.is_cuda or not _fp32_matmul_is_ieee():
         return (a.double() @ b_t.double().t()).to(torch.int32)
     acc = torch.zeros(m, n, dtype=torch.int32, device=a.device)
     for k0 in range(0, k, FP32_EXACT_K):
@@ -114,13 +96,8 @@ def _int8_matmul_fp32(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     return int8_matmul(a, b_t).float()
 
 
-def w8a8_linear(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    weight_scale: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    input_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
+def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """W8A8: int8 weights ``[N, K]`` with per-channel ``weight_scale [N]``; activations int8
     per-token dynamic (``input_scale=None``) or per-tensor static. int32 accumulate, fp32 epilogue."""
     shape = x.shape

@@ -220,12 +220,10 @@ def pick_config(m: int, n: int, k: int, out_dtype: torch.dtype, has_bias: bool, 
     dev = torch.device("cpu") if interpreting() else device                     # interpreter: small tiles
     skey = (m_class(m), n, k, str(out_dtype), has_bias)
     cands = candidate_configs(m, dev, n, k)
-    cfg = STORE.lookup(skey, dev, ("w8a8", m_class(m), 8, ""))
-    if cfg is None or (cfg.get("path") == "int_mm" and not int_mm_ok(m, n, k, dev)):
-        cfg = cands[0]
+    cfg = STORE.lookup(skey, dev, ("w8a8", m_class(m), 8, "")) or cands[0]
     if run is not None and autotune_enabled() and can_time(device):
         cfg, _ = STORE.tune(skey, cands, run, device)
-    if cfg.get("path") == "int_mm" and not int_mm_ok(m, n, k, dev):
+    if cfg.get("path") == "int_mm" and not int_mm_ok(m, n, k, dev):  # a stored config this shape cannot take
         cfg = cands[0]
     _PATHS[key] = cfg
     return cfg
@@ -253,13 +251,8 @@ def int8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, we
     return out
 
 
-def w8a8_linear(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    weight_scale: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    input_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
+def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """W8A8 linear (same contract as the reference): int8 weights ``[N, K]`` with per-channel
     ``weight_scale [N]``; activations per-token dynamic or per-tensor static (``input_scale``)."""
     shape = x.shape

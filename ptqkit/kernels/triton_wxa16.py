@@ -118,11 +118,6 @@ def _group_const(k: int, group_len: int, block_k: int) -> int | None:
     return None
 
 
-def fast_path(bits: int, x_dtype: torch.dtype, s_dtype: torch.dtype) -> bool:
-    """4-bit codes with fp16 or bf16 scales in the activation dtype."""
-    return bits == 4 and s_dtype == x_dtype and x_dtype in (torch.float16, torch.bfloat16)
-
-
 def fused_fits(cfg: Config, k: int, group_len: int, bits: int) -> bool:
     """Whether a fused config's K tile fits the groups and the packing."""
     bk = cfg["BLOCK_K"]
@@ -210,7 +205,9 @@ def plan_params(cfg: Config, m: int, n: int, k: int, group_len: int, bits: int, 
     split = cfg.get("SPLIT_K") or split_k_for(n_tiles, chunks, device)
     per_split = triton.cdiv(chunks, split)
     splits = triton.cdiv(chunks, per_split)                                    # no empty splits
-    fast = fast_path(bits, x_dtype, s_dtype) and (group_len >= k or group_len % 8 == 0)
+    # the 4-bit fast path: fp16 or bf16 scales in the activation dtype
+    fast = (bits == 4 and s_dtype == x_dtype and x_dtype in (torch.float16, torch.bfloat16)
+            and (group_len >= k or group_len % 8 == 0))
     consts = dict(BITS=bits, BM=bm, BN=bn, BK=bk, GROUP=_group_const(k, group_len, bk),
                   NW=cfg["num_warps"], FAST=fast, ASM=not interpreting(), ONE_ROW=m == 1,
                   HAS_PERM=has_perm, HAS_BIAS=has_bias, SPLIT=splits > 1, STAGES=cfg["num_stages"],
@@ -312,16 +309,8 @@ def _plan(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
     return plan
 
 
-def wxa16_linear(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    bits: int,
-    group_len: int,
-    perm: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
+def wxa16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                 group_len: int, perm: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``y = x[..., perm] @ dequant(W) + bias`` (same contract as the reference)."""
     check_device(x)
     k, n = x.shape[-1], qweight.shape[1]
