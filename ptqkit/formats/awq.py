@@ -25,18 +25,9 @@ from torch import nn
 
 from ..layers import QuantLinear
 from ..packing import pack
-from .common import (
-    DEFAULT_SHARD_SIZE,
-    checkpoint_tensors,
-    layer_bits_error,
-    load_packed,
-    quantization_config,
-    refuse_grouped_act_order,
-    refuse_ragged_groups,
-    refuse_w8a8,
-    require_quant_layers,
-    write_checkpoint,
-)
+from .common import (DEFAULT_SHARD_SIZE, checkpoint_tensors, layer_bits_error, load_packed, quantization_config,
+                     refuse_grouped_act_order, refuse_ragged_groups, refuse_w8a8, require_quant_layers,
+                     write_checkpoint)
 from .gptq import original_order, skipped_block_linears
 
 log = logging.getLogger(__name__)

@@ -28,19 +28,9 @@ from torch import nn
 from ..architectures import architecture, hub_name, kept_modules, module_name
 from ..layers import QuantLinear, QuantLinearW8A8
 from ..packing import pack
-from .common import (
-    DEFAULT_SHARD_SIZE,
-    checkpoint_tensors,
-    finish_foreign,
-    put_layer,
-    quantization_config,
-    refuse_grouped_act_order,
-    refuse_ragged_groups,
-    require_quant_layers,
-    start_load,
-    take_layer,
-    write_checkpoint,
-)
+from .common import (DEFAULT_SHARD_SIZE, checkpoint_tensors, finish_foreign, put_layer, quantization_config,
+                     refuse_grouped_act_order, refuse_ragged_groups, require_quant_layers, start_load, take_layer,
+                     write_checkpoint)
 from .gptq import is_sym, original_order
 
 log = logging.getLogger(__name__)

@@ -28,17 +28,8 @@ from torch import nn
 from ..layers import QuantLinear
 from ..architectures import architecture, find_blocks, hub_name, kept_modules
 from ..packing import pack, unpack
-from .common import (
-    DEFAULT_SHARD_SIZE,
-    checkpoint_tensors,
-    layer_bits_error,
-    load_packed,
-    quantization_config,
-    refuse_ragged_groups,
-    refuse_w8a8,
-    require_quant_layers,
-    write_checkpoint,
-)
+from .common import (DEFAULT_SHARD_SIZE, checkpoint_tensors, layer_bits_error, load_packed, quantization_config,
+                     refuse_ragged_groups, refuse_w8a8, require_quant_layers, write_checkpoint)
 
 log = logging.getLogger(__name__)
 
