@@ -80,6 +80,10 @@ def quantize(
 def _info(model: nn.Module, name: str, steps: list, calib: Any, info: dict[str, Any], wall: float,
           config: dict[str, Any]) -> dict[str, Any]:
     """``model.ptqkit_info``: what was run, on what, how long it took and what it covered."""
+    layers: dict[str, dict[str, Any]] = {}
+    for s in steps:  # per-layer facts of all steps, merged (a transform's and the quantizer's for the same layer)
+        for k, v in s.stats.items():
+            layers.setdefault(k, {}).update(v)
     out = {
         "method": name,
         "recipe": recipe_to_list(steps),
@@ -91,12 +95,12 @@ def _info(model: nn.Module, name: str, steps: list, calib: Any, info: dict[str, 
         "pipeline": info.get("pipeline"),  # what ran ("auto" resolved), activations on the host or not
         "offload_activations": info.get("offload_activations", False),
         "host": {"disk_offload": info.get("disk_offload", False), "malloc": info.get("malloc")},
-        "layers": _merge_stats(steps),
+        "layers": layers,
         "coverage": checks.coverage(model),
     }
     if info.get("whole_model"):  # e.g. {"rotate": {"r1": 576, "r2": 64, ...}}
         out["whole_model"] = info["whole_model"]
-    experts = _experts(out["layers"])
+    experts = _experts(layers)
     if experts:
         out["experts"] = {**experts, "calibrate_all": config["calibrate_all_experts"]}
     return out
@@ -113,15 +117,6 @@ def _experts(layers: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "without_data": sorted(k for k, v in layers.items() if ".experts." in k and v.get("calibration_tokens") == 0),
             "round_to_nearest": sorted(k for k, v in layers.items() if ".experts." in k and v.get("method") == "rtn"
                                        and "few_tokens" in v)}
-
-
-def _merge_stats(steps: list) -> dict[str, dict[str, Any]]:
-    """Per-layer facts of all steps, merged (a transform's and the quantizer's for the same layer)."""
-    layers: dict[str, dict[str, Any]] = {}
-    for s in steps:
-        for k, v in s.stats.items():
-            layers.setdefault(k, {}).update(v)
-    return layers
 
 
 def save(model: nn.Module, path: str | os.PathLike, format: str = "auto", tokenizer: Any = None,

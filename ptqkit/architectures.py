@@ -11,6 +11,7 @@ expert and projection under the hub's names (:mod:`ptqkit.experts`); both comput
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -127,13 +128,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder blocks: the preset path, else the ModuleList whose length is ``num_hidden_layers``."""
     cfg = getattr(model, "config", None)
     preset = ARCHITECTURES.get(getattr(cfg, "model_type", None))
-    if preset is not None:
-        try:
-            mod = model.get_submodule(preset.blocks)
-            if isinstance(mod, nn.ModuleList):
-                return preset.blocks, mod
-        except AttributeError:
-            pass
+    if preset is not None and isinstance(mod := _submodule(model, preset.blocks), nn.ModuleList):
+        return preset.blocks, mod
     n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
     exact = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and n and len(m) == n]
     if exact:
@@ -190,8 +186,8 @@ def resolve_all(mappings: tuple[Mapping, ...], block: nn.Module) -> tuple[Mappin
     out: list[Mapping] = []
     for m in mappings:
         if "*" in m.prev:
-            head = m.prev.split(".*.")[0]
-            n = len(block.get_submodule(head)) if _has(block, head) else 0
+            experts = _submodule(block, m.prev.split(".*.")[0])
+            n = len(experts) if experts is not None else 0
             out += [replace(m, prev=m.prev.replace("*", str(e)), linears=tuple(r.replace("*", str(e)) for r in m.linears))
                     for e in range(n)]
         else:
@@ -199,12 +195,11 @@ def resolve_all(mappings: tuple[Mapping, ...], block: nn.Module) -> tuple[Mappin
     return tuple(r for m in out if (r := resolve(m, block)) is not None)
 
 
-def _has(block: nn.Module, name: str) -> bool:
+def _submodule(module: nn.Module, name: str) -> nn.Module | None:
     try:
-        block.get_submodule(name)
-        return True
+        return module.get_submodule(name)
     except AttributeError:
-        return False
+        return None
 
 
 def fold_norm_(norm: nn.Module, s: torch.Tensor, offset: float = 0.0) -> None:
@@ -271,12 +266,7 @@ def detect_mappings(block: nn.Module, run: Callable[[], None]) -> tuple[Mapping,
             if fed:
                 log.info("%s does not scale its output linearly with its weight; not folded", n)
             continue
-        parts = [f.split(".")[:-1] for f in fed]
-        common = []
-        for level in zip(*parts):
-            if len(set(level)) > 1:
-                break
-            common.append(level[0])
+        common = os.path.commonprefix([f.split(".")[:-1] for f in fed])  # element-wise on lists of names
         found.append(Mapping(n, fed, ".".join(common) or None, norm_offset=offset))
     return tuple(found)
 
@@ -314,13 +304,11 @@ def kept_modules(model: nn.Module) -> list[str]:
             and any(p.dim() >= 2 for p in m.parameters(recurse=False))]
 
 
-
-def prepare_block(block: nn.Module, arch: Architecture) -> int:
+def prepare_block(block: nn.Module, arch: Architecture) -> None:
     """Bring ``block`` to plain linears in place (same function): ``Conv1D`` -> ``nn.Linear``, fused experts ->
-    one linear per expert and projection (:class:`ptqkit.experts.Experts`). Returns how many modules changed."""
+    one linear per expert and projection (:class:`ptqkit.experts.Experts`)."""
     from .experts import Experts, fused
 
-    changed = 0
     for name, m in list(block.named_modules()):
         if type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None and m.weight.dim() == 2:
             lin = nn.Linear(m.weight.shape[0], m.weight.shape[1], bias=m.bias is not None, device="meta")
@@ -328,11 +316,8 @@ def prepare_block(block: nn.Module, arch: Architecture) -> int:
             if m.bias is not None:
                 lin.bias = m.bias
             block.set_submodule(name, lin)
-            changed += 1
         elif fused(m):
             block.set_submodule(name, Experts.unfuse(m, arch.experts))
-            changed += 1
-    return changed
 
 
 def planned_linears(block: nn.Module, arch: Architecture) -> dict[str, int]:
@@ -350,27 +335,19 @@ def planned_linears(block: nn.Module, arch: Architecture) -> dict[str, int]:
     return out
 
 
-def uncovered(block: nn.Module, prefix: str, ignore: list[str] | None, arch: Architecture) -> dict[str, str]:
-    """Weight matrices of ``block`` (floating parameters with 2+ dims) that no quantizer would take, are not
-    ignored and are not kept by rule: ``{full module name: class}``. Empty when every one is accounted for."""
+def check_coverage(blocks: Any, path: str, ignore: list[str] | None, arch: Architecture) -> None:
+    """Refuse a model with weight matrices (floating parameters with 2+ dims) that no quantizer would take, are
+    not ignored and are not kept by rule: ptqkit would silently leave them in full precision."""
     from .experts import fused
 
-    out = {}
-    for name, m in block.named_modules():
-        full = prefix + name
-        weights = [p for p in m.parameters(recurse=False) if p.is_floating_point() and p.dim() >= 2]
-        if (not weights or isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" or fused(m)
-                or is_ignored(full, ignore) or kept(full, m, arch)):
-            continue
-        out[full] = type(m).__name__
-    return out
-
-
-def check_coverage(blocks: Any, path: str, ignore: list[str] | None, arch: Architecture) -> None:
-    """Refuse a model with weight matrices ptqkit would silently leave in full precision."""
     missing: dict[str, str] = {}
     for i, b in enumerate(blocks):
-        missing.update(uncovered(b, f"{path}.{i}.", ignore, arch))
+        for name, m in b.named_modules():
+            full = f"{path}.{i}.{name}"
+            if (any(p.is_floating_point() and p.dim() >= 2 for p in m.parameters(recurse=False))
+                    and not (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" or fused(m)
+                             or is_ignored(full, ignore) or kept(full, m, arch))):
+                missing[full] = type(m).__name__
     if missing:
         first = list(missing.items())[:4]
         raise ValueError(f"{len(missing)} module(s) hold weight matrices ptqkit cannot quantize, e.g. "

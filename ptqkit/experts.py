@@ -90,7 +90,3 @@ class Experts(nn.Module):
                 y = self[e](hidden_states[tok])
             out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
         return out
-
-    def tokens(self, top_k_index: torch.Tensor) -> torch.Tensor:
-        """Tokens routed to each expert ``[E]`` (for the report)."""
-        return torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts)[: self.num_experts]

@@ -59,16 +59,19 @@ class QuantLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> "QuantLinear":
         """Build from ``codes [N, K]`` and ``scales/zeros [N, G]`` (all in stored column order)."""
-        n, k = codes.shape
-        layer = cls(k, n, bits, group_size, bias=bias is not None, act_order=perm is not None,
-                    dtype=dtype, device=codes.device)
-        layer.qweight.copy_(pack(codes.t(), bits))
-        layer.scales.copy_(scales.t().to(dtype))
-        layer.zeros.copy_(zeros.t().to(torch.uint8))
-        if perm is not None:
-            layer.perm.copy_(perm.to(torch.int32))
-        if bias is not None:
-            layer.bias.copy_(bias.detach().to(dtype))
+        return cls.from_packed(pack(codes.t(), bits), scales.t(), zeros.t(), bits, group_size, codes.shape[1],
+                               bias=bias, perm=perm, dtype=dtype)
+
+    @classmethod
+    def from_packed(cls, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+                    in_features: int, bias: torch.Tensor | None = None, perm: torch.Tensor | None = None,
+                    dtype: torch.dtype = torch.float32) -> "QuantLinear":
+        """Build from the buffers' own layout: ``qweight [W, N]``, ``scales/zeros [G, N]`` (stored column order)."""
+        layer = cls(in_features, qweight.shape[1], bits, group_size, bias=bias is not None, act_order=perm is not None,
+                    dtype=dtype, device=qweight.device)
+        for buf, value in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("perm", perm), ("bias", bias)):
+            if value is not None:
+                getattr(layer, buf).copy_(value.detach())  # cast to the buffer's dtype
         return layer
 
     def codes(self) -> torch.Tensor:

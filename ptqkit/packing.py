@@ -36,8 +36,16 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack codes ``[K, N]`` (values in ``[0, 2**bits)``) into int32 ``[ceil(K*bits/32), N]``."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
-    if 32 % bits == 0:
-        return _pack_whole_words(codes, bits)
+    if 32 % bits == 0:  # code i of word w at bits [i*bits, (i+1)*bits)
+        per = 32 // bits
+        c = codes.to(torch.int32) & ((1 << bits) - 1)
+        if c.shape[0] % per:
+            c = torch.nn.functional.pad(c, (0, 0, 0, per - c.shape[0] % per))
+        c = c.reshape(-1, per, c.shape[1])                              # [W, per, N]
+        out = c[:, 0].clone()
+        for i in range(1, per):
+            out |= c[:, i] << (i * bits)                                # wraps into the sign bit
+        return out
     k, n = codes.shape
     units = (k + 31) // 32
     c = torch.zeros(units * 32, n, dtype=torch.int64, device=codes.device)
@@ -72,15 +80,3 @@ def unpack(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
         out[:, i] = v & mask
     return out.view(units * 32, n)[:rows]
 
-
-def _pack_whole_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """:func:`pack` for ``bits`` dividing 32: code ``i`` of word ``w`` at bits ``[i*bits, (i+1)*bits)``."""
-    per = 32 // bits
-    c = codes.to(torch.int32) & ((1 << bits) - 1)
-    if c.shape[0] % per:
-        c = torch.nn.functional.pad(c, (0, 0, 0, per - c.shape[0] % per))
-    c = c.reshape(-1, per, c.shape[1])                                  # [W, per, N]
-    out = c[:, 0].clone()
-    for i in range(1, per):
-        out |= c[:, i] << (i * bits)                                    # wraps into the sign bit
-    return out

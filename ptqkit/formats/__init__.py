@@ -29,12 +29,12 @@ import torch
 from torch import nn
 
 from ..files import check_output
-from . import serving
+from . import awq, compressed_tensors, gptq, serving
 from ..layers import QuantLinear, QuantLinearW8A8
-from .awq import is_awq, load_awq, save_awq
-from .common import REPORT_FILE, quant_layers
-from .compressed_tensors import is_compressed_tensors, load_compressed_tensors, save_compressed_tensors
-from .gptq import is_gptq, load_gptq, save_gptq
+from .awq import load_awq, save_awq
+from .common import REPORT_FILE, has_quant_method, quant_layers
+from .compressed_tensors import load_compressed_tensors, save_compressed_tensors
+from .gptq import load_gptq, save_gptq
 from .native import QUANT_FILE, load_native, save_native
 
 SAVERS: dict[str, Callable[..., Path]] = {
@@ -45,9 +45,9 @@ SAVERS: dict[str, Callable[..., Path]] = {
 }
 LOADERS: list[tuple[str, Callable[[Path], bool], Callable[..., nn.Module]]] = [
     ("native", lambda p: (p / QUANT_FILE).is_file(), load_native),
-    ("gptq", is_gptq, load_gptq),
-    ("awq", is_awq, load_awq),
-    ("compressed-tensors", is_compressed_tensors, load_compressed_tensors),
+    ("gptq", lambda p: has_quant_method(p, "gptq"), load_gptq),
+    ("awq", lambda p: has_quant_method(p, "awq"), load_awq),
+    ("compressed-tensors", lambda p: has_quant_method(p, "compressed-tensors"), load_compressed_tensors),
 ]
 _ALIASES = {"ct": "compressed-tensors", "compressed_tensors": "compressed-tensors", "ptqkit": "native"}
 FORMATS = ["auto", *SAVERS]  # what --format offers: auto first
@@ -93,8 +93,6 @@ def served_by(model: nn.Module, path: str | os.PathLike) -> str:
 
 def _layer_check(fmt: str, name: str, m: nn.Module, first: nn.Module, version: str = "gptq") -> None:
     """The format's own refusal of one layer (``first``: the layer whose grid the checkpoint takes)."""
-    from . import awq, compressed_tensors, gptq
-
     bits, group = getattr(first, "bits", 8), getattr(first, "group_size", -1)
     if fmt == "gptq":
         gptq.check_layer(name, m, bits, group, version)

@@ -24,27 +24,11 @@ import torch
 from torch import nn
 
 from ..layers import QuantLinear
-from ..packing import pack, unpack
-from .common import (
-    DEFAULT_SHARD_SIZE,
-    add_layer_tensors,
-    finish_load,
-    float_tensors,
-    has_quant_method,
-    layer_bits_error,
-    new_quant_linear,
-    put_layer,
-    quantization_config,
-    read_info,
-    refuse_grouped_act_order,
-    refuse_ragged_groups,
-    refuse_w8a8,
-    require_quant_layers,
-    start_load,
-    take_layer,
-    write_checkpoint,
-)
-from .gptq import skipped_block_linears
+from ..packing import pack
+from .common import (DEFAULT_SHARD_SIZE, checkpoint_tensors, layer_bits_error, load_packed, quantization_config,
+                     refuse_grouped_act_order, refuse_ragged_groups, refuse_w8a8, require_quant_layers,
+                     write_checkpoint)
+from .gptq import original_order, skipped_block_linears
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +58,8 @@ def awq_unpack(packed: torch.Tensor) -> torch.Tensor:
 
 def to_awq(layer: QuantLinear) -> dict[str, torch.Tensor]:
     """A 4-bit QuantLinear (no act-order, or a single group) as AWQ GEMM tensors."""
-    codes = unpack(layer.qweight, BITS, layer.in_features)             # [K, N] stored order
-    if layer.perm is not None:                                              # one group: unpermute rows
-        orig = torch.empty_like(codes)
-        orig[layer.perm.long()] = codes
-        codes = orig
-    out = {"qweight": awq_pack(codes), "qzeros": awq_pack(layer.zeros), "scales": layer.scales}
-    if layer.bias is not None:
-        out["bias"] = layer.bias
-    return out
+    codes = original_order(layer)[0].t()                                # [K, N], act-order (one group) undone
+    return {"qweight": awq_pack(codes), "qzeros": awq_pack(layer.zeros), "scales": layer.scales}
 
 
 def from_awq(t: dict[str, torch.Tensor], group_size: int, name: str, dtype: torch.dtype) -> QuantLinear:
@@ -97,8 +74,8 @@ def from_awq(t: dict[str, torch.Tensor], group_size: int, name: str, dtype: torc
         zeros = awq_unpack(t["qzeros"])                          # [G, N]
     else:                                                        # zero_point: false -> symmetric around 8
         zeros = torch.full((g, n), 2 ** (BITS - 1), dtype=torch.uint8)
-    return new_quant_linear(pack(codes, BITS), t["scales"], zeros, BITS, group_size, k, bias=t.get("bias"),
-                            dtype=dtype)
+    return QuantLinear.from_packed(pack(codes, BITS), t["scales"], zeros, BITS, group_size, k, bias=t.get("bias"),
+                                   dtype=dtype)
 
 
 # ---------------------------------------------------------------- save
@@ -131,9 +108,7 @@ def save_awq(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, r
     group_size = getattr(next(iter(layers.values())), "group_size", -1)
     for name, m in layers.items():
         check_layer(name, m, group_size)
-    tensors = float_tensors(model, dtype)
-    for name, m in layers.items():
-        add_layer_tensors(tensors, name, to_awq(m), dtype)
+    tensors = checkpoint_tensors(model, layers, lambda name, m: to_awq(m))
     out = write_checkpoint(path, model, tensors, "awq", tokenizer, report, max_shard_size,
                            awq_config(group_size, skipped_block_linears(model)), dtype)
     log.info("saved %d AWQ GEMM layers (4-bit, group %d) to %s", len(layers), group_size, out)
@@ -141,10 +116,6 @@ def save_awq(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, r
 
 
 # ---------------------------------------------------------------- load
-def is_awq(path: Path) -> bool:
-    return has_quant_method(path, "awq")
-
-
 def load_awq(path: str | os.PathLike, device: str | torch.device = "cpu",
              dtype: torch.dtype | None = None) -> nn.Module:
     """A ptqkit model from an AWQ GEMM checkpoint (transformers' or AutoAWQ's config keys)."""
@@ -155,12 +126,6 @@ def load_awq(path: str | os.PathLike, device: str | torch.device = "cpu",
     group_size = int(qc.get("group_size", qc.get("q_group_size", 128)))
     if version != "gemm" or bits != BITS:
         raise ValueError(f"{path}: AWQ version={version!r}, bits={bits}: ptqkit reads version 'gemm' with 4 bits")
-    state, model, dtype = start_load(path, dtype)
-    for name in [k[: -len(".qweight")] for k in state if k.endswith(".qweight")]:
-        own = take_layer(state, name, ("qweight", "qzeros", "scales", "bias"))
-        if "scales" not in own:
-            raise ValueError(f"{path}: layer {name} has a qweight but no scales")
-        put_layer(model, name, from_awq(own, group_size, name, dtype), path)
-    info = read_info(path) or {"method": "awq"}
-    info["source_format"] = {"format": "awq", "version": version, "bits": bits, "group_size": group_size}
-    return finish_load(model, state, path, device, info)
+    return load_packed(path, device, dtype, ("qweight", "qzeros", "scales", "bias"), ("scales",),
+                       lambda t, name, dt: from_awq(t, group_size, name, dt),
+                       {"format": "awq", "version": version, "bits": bits, "group_size": group_size})

@@ -67,23 +67,6 @@ def load_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{d} holds neither {SAFE_FILE} nor {INDEX_FILE}")
 
 
-# ---------------------------------------------------------------- building layers
-def new_quant_linear(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
-                     in_features: int, bias: torch.Tensor | None = None, perm: torch.Tensor | None = None,
-                     dtype: torch.dtype = torch.float32) -> QuantLinear:
-    """A QuantLinear from ptqkit-layout buffers: ``qweight [W, N]``, ``scales/zeros [G, N]``."""
-    layer = QuantLinear(in_features, qweight.shape[1], bits, group_size, bias=bias is not None,
-                        act_order=perm is not None, dtype=dtype)
-    layer.qweight.copy_(qweight)
-    layer.scales.copy_(scales)
-    layer.zeros.copy_(zeros)
-    if perm is not None:
-        layer.perm.copy_(perm)
-    if bias is not None:
-        layer.bias.copy_(bias)
-    return layer
-
-
 # ---------------------------------------------------------------- model <-> directory
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict without the second copy of tied tensors (safetensors refuses shared storage)."""
@@ -103,52 +86,47 @@ def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantLinearW8A8))}
 
 
-def float_tensors(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The state dict minus the quantized layers' buffers (embeddings, norms, lm_head, fp linears),
-    optionally cast to ``dtype``."""
-    skip = tuple(n + "." for n in quant_layers(model))
-    out = {}
-    for k, v in unique_state_dict(model).items():
-        if k.startswith(skip):
-            continue
-        out[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
-    return out
-
-
-def write_model_files(tmp: Path, model: nn.Module, tokenizer: Any = None, fmt: str = "native",
-                      report: Any = None, quantization_config: dict[str, Any] | None = None,
-                      dtype: torch.dtype | None = None) -> None:
-    """config.json (with ``quantization_config`` when given), generation_config.json, the tokenizer
-    files and ``ptqkit_report.json`` into ``tmp``."""
-    model.config.save_pretrained(tmp)
-    config = json.loads((tmp / "config.json").read_text())
-    config.pop("quantization_config", None)
-    if dtype is not None:
-        config["dtype"] = str(dtype).removeprefix("torch.")
-        config.pop("torch_dtype", None)
-    if quantization_config is not None:
-        config["quantization_config"] = quantization_config
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    write_report(tmp, model, fmt, report)
+def checkpoint_tensors(model: nn.Module, layers: dict[str, nn.Module],
+                       convert: Callable[[str, nn.Module], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A foreign format's tensors: the state dict minus the quantized layers' buffers (embeddings, norms,
+    lm_head, fp linears), then ``name.key`` for every ``key`` of ``convert(name, layer)`` and the layer's bias."""
+    skip = tuple(n + "." for n in layers)
+    tensors = {k: v for k, v in unique_state_dict(model).items() if not k.startswith(skip)}
+    for name, m in layers.items():
+        tensors.update({f"{name}.{key}": v for key, v in convert(name, m).items()})
+        if m.bias is not None:
+            tensors[f"{name}.bias"] = m.bias
+    return tensors
 
 
 def write_checkpoint(path: str | os.PathLike, model: nn.Module, tensors: dict[str, torch.Tensor], fmt: str,
                      tokenizer: Any = None, report: Any = None, max_shard_size: int | str = DEFAULT_SHARD_SIZE,
                      quantization_config: dict[str, Any] | None = None, dtype: torch.dtype | None = None,
                      extra: Callable[[Path], None] | None = None) -> Path:
-    """A whole checkpoint in one atomic write: :func:`write_model_files`, then ``extra(tmp)`` (the
-    format's own files), then ``tensors`` (sharded over ``max_shard_size``); returns the final path."""
+    """A whole checkpoint in one atomic write: config.json (with ``quantization_config`` when given),
+    generation_config.json, the tokenizer files and ``ptqkit_report.json``, then ``extra(tmp)`` (the format's
+    own files), then ``tensors`` with the floating ones cast to ``dtype`` (sharded over ``max_shard_size``);
+    returns the final path."""
     with atomic_dir(path) as tmp:
-        write_model_files(tmp, model, tokenizer, fmt=fmt, report=report, quantization_config=quantization_config,
-                          dtype=dtype)
+        model.config.save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        config.pop("quantization_config", None)
+        if dtype is not None:
+            config["dtype"] = str(dtype).removeprefix("torch.")
+            config.pop("torch_dtype", None)
+        if quantization_config is not None:
+            config["quantization_config"] = quantization_config
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_report(tmp, model, fmt, report)
         if extra is not None:
             extra(tmp)
         arch = architecture(model)  # the family's hub names (per-expert projections, Mixtral's block_sparse_moe)
-        save_tensors({hub_name(k, arch): v for k, v in tensors.items()}, tmp, max_shard_size)
+        save_tensors({hub_name(k, arch): v.to(dtype) if dtype is not None and v.is_floating_point() else v
+                      for k, v in tensors.items()}, tmp, max_shard_size)
     return Path(path).resolve()
 
 
@@ -190,10 +168,7 @@ def read_info(directory: Path) -> dict[str, Any]:
 
 def quantization_config(directory: Path) -> dict[str, Any] | None:
     """``config.json``'s ``quantization_config`` (``None`` when absent)."""
-    f = directory / "config.json"
-    if not f.is_file():
-        return None
-    config = read_json(f)
+    config = read_json(directory / "config.json")
     return config.get("quantization_config") if isinstance(config, dict) else None
 
 
@@ -245,11 +220,6 @@ def layer_bits_error(fmt: str, name: str, problem: str, fix: str) -> ValueError:
     return ValueError(f"format {fmt!r} cannot hold layer {name}: {problem}; {fix}")
 
 
-def divisors_hint(in_features: int, choices: tuple[int, ...] = (32, 64, 128)) -> str:
-    ok = [g for g in choices if in_features % g == 0]
-    return ", ".join(f"group_size={g}" for g in ok + [-1])
-
-
 def require_quant_layers(model: nn.Module) -> dict[str, nn.Module]:
     """:func:`quant_layers`, refusing a model that has none."""
     layers = quant_layers(model)
@@ -269,8 +239,9 @@ def refuse_ragged_groups(fmt: str, name: str, m: QuantLinear, why: str, fix: str
     """Formats whose groups must divide K refuse a ragged last group (``why``: the format's reason)."""
     k = m.in_features
     if m.group_size != -1 and k % m.group_size:
+        hint = ", ".join(f"group_size={g}" for g in (32, 64, 128, -1) if g == -1 or k % g == 0)
         raise layer_bits_error(fmt, name, f"in_features={k} is not a multiple of group_size={m.group_size} ({why})",
-                               f"quantize with {divisors_hint(k)}, or {fix}")
+                               f"quantize with {hint}, or {fix}")
 
 
 def refuse_grouped_act_order(fmt: str, name: str, m: QuantLinear, why: str) -> None:
@@ -278,13 +249,6 @@ def refuse_grouped_act_order(fmt: str, name: str, m: QuantLinear, why: str) -> N
     if m.perm is not None and m.group_len < m.in_features:
         raise layer_bits_error(fmt, name, f"it was quantized with act-order (grouped columns permuted) and {why}",
                                "use format='gptq' (desc_act) or 'native', or quantize without act_order")
-
-
-def add_layer_tensors(tensors: dict[str, torch.Tensor], name: str, layer_tensors: dict[str, torch.Tensor],
-                      dtype: torch.dtype | None) -> None:
-    """``tensors[name.key] = value`` for one layer, floating values cast to ``dtype`` when given."""
-    for key, v in layer_tensors.items():
-        tensors[f"{name}.{key}"] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
 
 
 # ---------------------------------------------------------------- what the formats share on load
@@ -307,6 +271,27 @@ def start_load(path: Path, dtype: torch.dtype | None) -> tuple[dict[str, torch.T
 def take_layer(state: dict[str, torch.Tensor], name: str, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Pop layer ``name``'s tensors named ``keys`` (those present) out of ``state``, prefix removed."""
     return {key: state.pop(f"{name}.{key}") for key in keys if f"{name}.{key}" in state}
+
+
+def load_packed(path: Path, device: str | torch.device, dtype: torch.dtype | None, keys: tuple[str, ...],
+                required: tuple[str, ...], build: Callable[[dict[str, torch.Tensor], str, torch.dtype], nn.Module],
+                source_format: dict[str, Any]) -> nn.Module:
+    """GPTQ / AWQ: every ``name.qweight`` with the ``keys`` beside it (``required`` among them) becomes the layer
+    ``build(tensors, name, dtype)``; ``source_format`` goes into ``ptqkit_info``."""
+    state, model, dtype = start_load(path, dtype)
+    for name in [k[: -len(".qweight")] for k in state if k.endswith(".qweight")]:
+        own = take_layer(state, name, keys)
+        if not all(k in own for k in required):
+            raise ValueError(f"{path}: layer {name} has a qweight but no {'/'.join(required)}")
+        put_layer(model, name, build(own, name, dtype), path)
+    return finish_foreign(model, state, path, device, source_format)
+
+
+def finish_foreign(model: nn.Module, state: dict[str, torch.Tensor], path: Path, device: str | torch.device,
+                   source_format: dict[str, Any]) -> nn.Module:
+    """:func:`finish_load` for a checkpoint of another format (``source_format``: what it was)."""
+    info = read_info(path) or {"method": source_format["format"]}
+    return finish_load(model, state, path, device, {**info, "source_format": source_format})
 
 
 def put_layer(model: nn.Module, name: str, layer: nn.Module, path: Path) -> None:

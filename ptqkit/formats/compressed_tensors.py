@@ -28,23 +28,9 @@ from torch import nn
 from ..architectures import architecture, hub_name, kept_modules, module_name
 from ..layers import QuantLinear, QuantLinearW8A8
 from ..packing import pack
-from .common import (
-    DEFAULT_SHARD_SIZE,
-    add_layer_tensors,
-    finish_load,
-    float_tensors,
-    has_quant_method,
-    new_quant_linear,
-    put_layer,
-    quantization_config,
-    read_info,
-    refuse_grouped_act_order,
-    refuse_ragged_groups,
-    require_quant_layers,
-    start_load,
-    take_layer,
-    write_checkpoint,
-)
+from .common import (DEFAULT_SHARD_SIZE, checkpoint_tensors, finish_foreign, put_layer, quantization_config,
+                     refuse_grouped_act_order, refuse_ragged_groups, require_quant_layers, start_load, take_layer,
+                     write_checkpoint)
 from .gptq import is_sym, original_order
 
 log = logging.getLogger(__name__)
@@ -95,8 +81,6 @@ def compress_layer(m: nn.Module, scheme: Any, fmt: str) -> dict[str, torch.Tenso
     out = BaseCompressor.get_value_from_registry(fmt).compress(state, scheme)
     if isinstance(m, QuantLinear):                               # scales back to the layer's dtype (exact)
         out = {k: v.to(m.scales.dtype) if v.is_floating_point() else v for k, v in out.items()}
-    if m.bias is not None:
-        out["bias"] = m.bias
     return out
 
 
@@ -118,13 +102,14 @@ def save_compressed_tensors(model: nn.Module, path: str | os.PathLike, tokenizer
     fp_linears = [hub_name(n, arch) for n in dict.fromkeys(
         [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] + kept_modules(model))]
     single = len(groups) == 1
-    schemes, tensors = {}, float_tensors(model, dtype)
+    schemes, layer_schemes = {}, {}
     for i, (spec, fmt, names) in enumerate(groups.values()):
         scheme = QuantizationScheme(targets=["Linear"] if single else [hub_name(n, arch) for n in names], format=fmt,
                                     **spec)
         schemes[f"group_{i}"] = scheme
-        for name in names:
-            add_layer_tensors(tensors, name, compress_layer(layers[name], scheme, fmt), dtype)
+        layer_schemes.update({name: (scheme, fmt) for name in names})
+    tensors = checkpoint_tensors(model, {n: layers[n] for n in layer_schemes},  # group by group
+                                 lambda name, m: compress_layer(m, *layer_schemes[name]))
     formats = {fmt for _, fmt, _ in groups.values()}
     fmt = formats.pop() if len(formats) == 1 else "mixed-precision"
     qconfig = QuantizationConfig(config_groups=schemes, format=fmt, quantization_status="compressed",
@@ -136,17 +121,6 @@ def save_compressed_tensors(model: nn.Module, path: str | os.PathLike, tokenizer
 
 
 # ---------------------------------------------------------------- load
-def is_compressed_tensors(path: Path) -> bool:
-    return has_quant_method(path, "compressed-tensors")
-
-
-def parse_config(qc: dict[str, Any]) -> Any:
-    """``config.json``'s ``quantization_config`` as a compressed-tensors ``QuantizationConfig``."""
-    from compressed_tensors.quantization import QuantizationConfig
-
-    return QuantizationConfig.model_validate({k: v for k, v in qc.items() if k in QuantizationConfig.model_fields})
-
-
 def signed_codes(t: dict[str, torch.Tensor], scheme: Any, fmt: str,
                  name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Signed integer codes ``[N, K]`` (int8) and the signed zero points ``[N, G]`` of one layer."""
@@ -205,17 +179,19 @@ def build_layer(t: dict[str, torch.Tensor], scheme: Any, fmt: str, name: str, dt
     zeros = (torch.full_like(scale, offset, dtype=torch.int16) if zp is None
              else zp.reshape(n, -1).to(torch.int16) + offset)
     codes = (q.to(torch.int16) + offset).t()                                # [K, N] unsigned
-    return new_quant_linear(pack(codes, w.num_bits), scale.t(), zeros.t(), w.num_bits, group_size, k,
-                            bias=t.get("bias"), dtype=dtype)
+    return QuantLinear.from_packed(pack(codes, w.num_bits), scale.t(), zeros.t(), w.num_bits, group_size, k,
+                                   bias=t.get("bias"), dtype=dtype)
 
 
 def load_compressed_tensors(path: str | os.PathLike, device: str | torch.device = "cpu",
                             dtype: torch.dtype | None = None) -> nn.Module:
     """A ptqkit model from a compressed-tensors checkpoint (ptqkit's own or llm-compressor's)."""
+    from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.utils.match import match_named_modules
 
     path = Path(path)
-    qconfig = parse_config(quantization_config(path) or {})
+    qc = quantization_config(path) or {}
+    qconfig = QuantizationConfig.model_validate({k: v for k, v in qc.items() if k in QuantizationConfig.model_fields})
     state, model, dtype = start_load(path, dtype)
     keys = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "input_scale", "bias")
     arch = architecture(model)
@@ -227,6 +203,4 @@ def load_compressed_tensors(path: str | os.PathLike, device: str | torch.device 
             if not isinstance(lin, nn.Linear):
                 raise ValueError(f"{path}: {name} ({type(lin).__name__}) is quantized; ptqkit handles nn.Linear only")
             put_layer(model, name, build_layer(take_layer(state, name, keys), scheme, fmt, name, dtype), path)
-    info = read_info(path) or {"method": "compressed-tensors"}
-    info["source_format"] = {"format": "compressed-tensors", "compression": qconfig.format}
-    return finish_load(model, state, path, device, info)
+    return finish_foreign(model, state, path, device, {"format": "compressed-tensors", "compression": qconfig.format})

@@ -28,24 +28,8 @@ from torch import nn
 from ..layers import QuantLinear
 from ..architectures import architecture, find_blocks, hub_name, kept_modules
 from ..packing import pack, unpack
-from .common import (
-    DEFAULT_SHARD_SIZE,
-    add_layer_tensors,
-    finish_load,
-    float_tensors,
-    has_quant_method,
-    layer_bits_error,
-    new_quant_linear,
-    put_layer,
-    quantization_config,
-    read_info,
-    refuse_ragged_groups,
-    refuse_w8a8,
-    require_quant_layers,
-    start_load,
-    take_layer,
-    write_checkpoint,
-)
+from .common import (DEFAULT_SHARD_SIZE, checkpoint_tensors, layer_bits_error, load_packed, quantization_config,
+                     refuse_ragged_groups, refuse_w8a8, require_quant_layers, write_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +69,7 @@ def original_order(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def to_gptq(layer: QuantLinear, version: str = "gptq") -> dict[str, torch.Tensor]:
-    """A QuantLinear as GPTQ tensors (``qweight``, ``qzeros``, ``scales``, ``g_idx``, ``bias``)."""
+    """A QuantLinear as GPTQ tensors (``qweight``, ``qzeros``, ``scales``, ``g_idx``)."""
     if layer.perm is None:           # ptqkit's qweight already is GPTQ's (same bitstream along K)
         qweight = layer.qweight
         g_idx = (torch.arange(layer.in_features, device=qweight.device) // layer.group_len).to(torch.int32)
@@ -93,10 +77,7 @@ def to_gptq(layer: QuantLinear, version: str = "gptq") -> dict[str, torch.Tensor
         codes, g_idx = original_order(layer)
         qweight = pack(codes.t(), layer.bits)                                      # [K·b/32, N]
     zeros = layer.zeros.to(torch.int64) - (1 if version == "gptq" else 0)           # [G, N]
-    out = {"qweight": qweight, "qzeros": pack_cols(zeros, layer.bits), "scales": layer.scales, "g_idx": g_idx}
-    if layer.bias is not None:
-        out["bias"] = layer.bias
-    return out
+    return {"qweight": qweight, "qzeros": pack_cols(zeros, layer.bits), "scales": layer.scales, "g_idx": g_idx}
 
 
 def perm_from_g_idx(g_idx: torch.Tensor, group_len: int, name: str) -> torch.Tensor | None:
@@ -134,8 +115,8 @@ def from_gptq(t: dict[str, torch.Tensor], bits: int, group_size: int, version: s
     qweight = t["qweight"]           # the same bitstream as ptqkit's qweight: copied as is
     if perm is not None:             # rows to stored order: grouped columns
         qweight = pack(unpack(qweight, bits, k)[perm.long()], bits)
-    return new_quant_linear(qweight, t["scales"], zeros, bits, group_size, k, bias=t.get("bias"), perm=perm,
-                            dtype=dtype)
+    return QuantLinear.from_packed(qweight, t["scales"], zeros, bits, group_size, k, bias=t.get("bias"), perm=perm,
+                                   dtype=dtype)
 
 
 # ---------------------------------------------------------------- save
@@ -213,11 +194,8 @@ def save_gptq(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, 
     bits, group_size = getattr(first, "bits", 8), getattr(first, "group_size", -1)
     for name, m in layers.items():
         check_layer(name, m, bits, group_size, checkpoint_format)
-    tensors = float_tensors(model, dtype)
-    desc_act = False
-    for name, m in layers.items():
-        add_layer_tensors(tensors, name, to_gptq(m, checkpoint_format), dtype)
-        desc_act |= m.perm is not None and m.group_len < m.in_features
+    tensors = checkpoint_tensors(model, layers, lambda name, m: to_gptq(m, checkpoint_format))
+    desc_act = any(m.perm is not None and m.group_len < m.in_features for m in layers.values())
     sym = all(is_sym(m) for m in layers.values())
     qcfg = gptq_config(bits, group_size, desc_act, sym, checkpoint_format, skipped_block_linears(model),
                        getattr(model, "ptqkit_info", None) or {}, in_block_names(model))
@@ -228,10 +206,6 @@ def save_gptq(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, 
 
 
 # ---------------------------------------------------------------- load
-def is_gptq(path: Path) -> bool:
-    return has_quant_method(path, "gptq")
-
-
 def load_gptq(path: str | os.PathLike, device: str | torch.device = "cpu",
               dtype: torch.dtype | None = None) -> nn.Module:
     """A ptqkit model from a GPTQ checkpoint (v1 or v2; ptqkit's own or another tool's)."""
@@ -242,12 +216,6 @@ def load_gptq(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise ValueError(f"{path}: GPTQ checkpoint_format {version!r} is not supported (ptqkit reads {VERSIONS}); "
                          "convert it to 'gptq' with GPTQModel first")
     bits, group_size = int(qc["bits"]), int(qc.get("group_size", -1))
-    state, model, dtype = start_load(path, dtype)
-    for name in [k[: -len(".qweight")] for k in state if k.endswith(".qweight")]:
-        own = take_layer(state, name, ("qweight", "qzeros", "scales", "g_idx", "bias"))
-        if "qzeros" not in own or "scales" not in own:
-            raise ValueError(f"{path}: layer {name} has a qweight but no qzeros/scales")
-        put_layer(model, name, from_gptq(own, bits, group_size, version, name, dtype), path)
-    info = read_info(path) or {"method": "gptq"}
-    info["source_format"] = {"format": "gptq", "checkpoint_format": version, "bits": bits, "group_size": group_size}
-    return finish_load(model, state, path, device, info)
+    return load_packed(path, device, dtype, ("qweight", "qzeros", "scales", "g_idx", "bias"), ("qzeros", "scales"),
+                       lambda t, name, dt: from_gptq(t, bits, group_size, version, name, dt),
+                       {"format": "gptq", "checkpoint_format": version, "bits": bits, "group_size": group_size})

@@ -46,9 +46,7 @@ def save_native(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None
     """
     meta = {"format": "ptqkit", "version": FORMAT_VERSION, "layers": layer_specs(model),
             "info": getattr(model, "ptqkit_info", {}), **(extra or {})}
-    tensors = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
-               for k, v in unique_state_dict(model).items()}
-    return write_checkpoint(path, model, tensors, "native", tokenizer, report, max_shard_size, dtype=dtype,
+    return write_checkpoint(path, model, unique_state_dict(model), "native", tokenizer, report, max_shard_size, dtype=dtype,
                             extra=lambda tmp: (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=2, default=str)))
 
 

@@ -17,9 +17,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..architectures import find_blocks
+from ..layers import QuantLinear, QuantLinearW8A8
+from .common import quant_layers
+
 log = logging.getLogger(__name__)
 
-ENGINES = ("vLLM", "SGLang", "transformers", "GPTQModel")
 MARLIN_GROUPS = (-1, 32, 64, 128)  # vllm/model_executor/layers/quantization/utils/marlin_utils.py
 
 
@@ -88,8 +91,7 @@ def _vllm_ct(s: Scheme) -> str | None:
     return _first(
         None if s.bits in (4, 8) else f"bits={s.bits}: a kernel only with the optional humming package "
         "(compressed_tensors_wNa16.py; Marlin / Machete take 4 and 8)",
-        "8-bit asymmetric: Machete, Hopper only (kernels/linear/mixed_precision)" if not s.sym and s.bits == 8 else None,
-        )
+        "8-bit asymmetric: Machete, Hopper only (kernels/linear/mixed_precision)" if not s.sym and s.bits == 8 else None)
 
 
 def _sglang_ct(s: Scheme) -> str | None:
@@ -179,9 +181,6 @@ def best(scheme: Scheme) -> str:
 
 def scheme_of(model: nn.Module, dtype: torch.dtype | None, gptq_version: str = "gptq") -> Scheme | None:
     """The scheme of a quantized model (its first layer's grid; None without quantized layers)."""
-    from ..layers import QuantLinear, QuantLinearW8A8
-    from .common import quant_layers
-
     layers = quant_layers(model)
     if not layers:
         return None
@@ -198,8 +197,6 @@ def scheme_of(model: nn.Module, dtype: torch.dtype | None, gptq_version: str = "
 
 
 def _uniform(model: nn.Module, layers: dict[str, nn.Module]) -> bool:
-    from ..architectures import find_blocks
-
     path, blocks = find_blocks(model)
     per_block = [{n[len(f"{path}.{i}."):] for n in layers if n.startswith(f"{path}.{i}.")} for i in range(len(blocks))]
     return all(p == per_block[0] for p in per_block)
