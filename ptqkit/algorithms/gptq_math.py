@@ -90,8 +90,8 @@ def prepare_hessian(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, t
     the diagonal (Sec. 4, "dampening") so the Cholesky factorization is well conditioned.
     """
     h = hessian.clone()
-    dead = torch.diagonal(h) == 0                                 # inputs always zero in calibration
     diag = torch.diagonal(h)                                      # a view: edits go into h
+    dead = diag == 0                                              # inputs always zero in calibration
     diag[dead] = 1.0
     diag.add_(damp * diag.mean())
     return h, dead
