@@ -91,16 +91,12 @@ def build_recipe(method: MethodSpec, options: dict[str, Any] | None = None) -> l
         specs.append({"method": "rtn"})
         classes.append(get_algorithm("rtn"))
 
-    unknown = set(options) - set().union(*(_fields(c) for c in classes))
+    valid = set().union(*(_fields(c) for c in classes))
+    unknown = set(options) - valid
     if unknown:
-        valid = sorted(set().union(*(_fields(c) for c in classes)))
-        raise ValueError(
-            f"option(s) {sorted(unknown)} are not taken by any step of {[c.name for c in classes]}; valid options: {valid}"
-        )
-    implied: dict[str, Any] = {}
-    for c in classes:
-        if issubclass(c, Transform):
-            implied.update(c.quantizer_defaults)
+        raise ValueError(f"option(s) {sorted(unknown)} are not taken by any step of {[c.name for c in classes]}; "
+                         f"valid options: {sorted(valid)}")
+    implied = {k: v for c in classes if issubclass(c, Transform) for k, v in c.quantizer_defaults.items()}
 
     steps: list[Algorithm] = []
     for spec, cls in zip(specs, classes):

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import Rotation, architecture, find_blocks, resolve_all
+from .architectures import ARCHITECTURES, Rotation, architecture, find_blocks, resolve_all
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,6 @@ def _check(model: nn.Module) -> Rotation:
     rot = architecture(model).rotation
     mtype = getattr(model.config, "model_type", None)
     if rot is None:
-        from .architectures import ARCHITECTURES
-
         ok = sorted(t for t, a in ARCHITECTURES.items() if a.rotation is not None)
         raise ValueError(f"model_type {mtype!r} has no rotation in ptqkit's architecture data (LayerNorm, norms "
                          f"after the writers, or routed experts); 'rotate' supports {', '.join(ok)}: drop it from the "

@@ -19,13 +19,14 @@ Wiring only; the math is in :mod:`ptqkit.algorithms.awq_math`. Per block:
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Optional, Sequence, Union
 
 import torch
-from accelerate.utils import send_to_device
 from pydantic import Field
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import nn
@@ -142,10 +143,6 @@ class _Inputs:
         return out
 
     @property
-    def x_mean(self) -> torch.Tensor:
-        return (self.abs_sum / self.count).float()
-
-    @property
     def sigma(self) -> torch.Tensor:
         return self.gram / self.gram_count
 
@@ -196,7 +193,6 @@ class AWQ(Transform):
     """Activation-aware scaling and clipping before a quantizer (``"awq"`` = AWQ then RTN)."""
 
     Config = AWQConfig
-    quantizer_defaults: dict[str, Any] = {}
 
     def __init__(self, config: AWQConfig) -> None:
         super().__init__(config)
@@ -210,10 +206,6 @@ class AWQ(Transform):
         """Per distinct input of the block: its fp32 Gram matrix and up to ``search_tokens`` sampled rows."""
         widths, rows = shape.inputs(), min(self.config.search_tokens + 1, tokens)
         return Memory(statistics=4 * sum(k * k + rows * k for k in widths), workspace=2 * 4 * shape.largest_linear())
-
-    @staticmethod
-    def _stats(ctx: Any, rel: str) -> _Inputs | None:
-        return ctx.stats.get(rel)
 
     def _log_once(self, msg: str, *args: Any) -> None:
         if msg not in self._logged:
@@ -270,16 +262,14 @@ class AWQ(Transform):
             return captured
         pending: set[str] = set()
 
-        def hook(n: str) -> Callable:
-            def fn(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-                captured[n].append((args, dict(kwargs)))
-                pending.discard(n)
-                if not pending:
-                    raise _Stop
+        def hook(n: str, mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured[n].append((args, dict(kwargs)))
+            pending.discard(n)
+            if not pending:
+                raise _Stop
 
-            return fn
-
-        handles = [block.get_submodule(n).register_forward_pre_hook(hook(n), with_kwargs=True) for n in names]
+        handles = [block.get_submodule(n).register_forward_pre_hook(functools.partial(hook, n), with_kwargs=True)
+                   for n in names]
         left = -(-self.config.search_samples // distributed.world_size())  # each rank its share
         n = len(ctx.inputs)
         need = min(n, -(-left // ctx.inputs[0].shape[0]))
@@ -292,11 +282,8 @@ class AWQ(Transform):
                     take = min(b, left)
                     left -= take
                     pending.update(names)
-                    h = send_to_device(slice_batch(ctx.inputs[i], take, b), ctx.device)
-                    try:
-                        block(h, **send_to_device(slice_batch(ctx.kwargs[i], take, b), ctx.device))
-                    except _Stop:
-                        pass
+                    with contextlib.suppress(_Stop):
+                        ctx.forward_one(block, *slice_batch((ctx.inputs[i], ctx.kwargs[i]), take, b))
         finally:
             for h in handles:
                 h.remove()
@@ -320,8 +307,7 @@ class AWQ(Transform):
             norm = sum(r.numel() for r in ref) if token_weight is None else float(token_weight.sum()) * ref[0].shape[-1]
             losses = torch.zeros(cands.shape[0], dtype=torch.float64)
             try:
-                for c in range(cands.shape[0]):
-                    s = cands[c]
+                for c, s in enumerate(cands):
                     for lin, w in zip(lins, orig):
                         lin.weight.copy_((quant(w.float() * s) / s).to(w.dtype))
                     err = 0.0
@@ -345,7 +331,8 @@ class AWQ(Transform):
         w_mean = None
         if cfg.duo_scaling:
             w_mean = fold.tie(am.weight_mean([lin.weight.detach() for lin in lins], ctx.qargs.group_len(k)))
-        cands_p = am.candidate_scales(fold.tie(st.x_mean), cfg.n_grid, w_mean)    # [n, P]
+        x_mean = (st.abs_sum / st.count).float()
+        cands_p = am.candidate_scales(fold.tie(x_mean), cfg.n_grid, w_mean)       # [n, P]
         cands = fold.expand(cands_p)                                                # [n, K]
         if fold.inspect is None:
             losses = am.scale_losses([lin.weight.detach() for lin in lins], cands, st.sigma, self._quant(ctx, k))
@@ -374,8 +361,7 @@ class AWQ(Transform):
             for n in fold.linears:
                 lin = block.get_submodule(n)
                 lin.weight.copy_((lin.weight.float() * s[None, :]).to(lin.weight.dtype))
-        groups = {id(st): st for st in (self._stats(ctx, n) for n in fold.linears) if st is not None}
-        for st in groups.values():
+        for st in {id(st): st for st in (ctx.stats.get(n) for n in fold.linears) if st is not None}.values():
             st.rescale(s)
 
     # ------------------------------------------------------------------ clip search
@@ -385,7 +371,7 @@ class AWQ(Transform):
         for rel, lin in ctx.linears.items():
             if any(rel == p or rel.endswith("." + p) for p in cfg.no_clip):
                 continue
-            st = self._stats(ctx, rel)
+            st = ctx.stats.get(rel)
             if st is None:
                 log.warning("AWQ: %s.%s saw no calibration input; not clipped", ctx.prefix, rel)
                 continue

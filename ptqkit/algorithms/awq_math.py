@@ -21,8 +21,8 @@ CHUNK_ELEMS = 2**24
 Quant = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _chunk(per_item: int, budget: int = CHUNK_ELEMS) -> int:
-    return max(1, budget // max(1, per_item))
+def _chunk(per_item: int) -> int:
+    return max(1, CHUNK_ELEMS // max(1, per_item))
 
 
 def grouped(w: torch.Tensor, group_len: int) -> torch.Tensor:

@@ -93,8 +93,7 @@ class BlockContext:
     def forward(self, block: nn.Module, batches: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Run ``block`` on the calibration inputs (all batches, or the chosen ones)."""
         idx = range(len(self.inputs)) if batches is None else batches
-        return [block_output(block(send_to_device(self.inputs[i], self.device),
-                                   **send_to_device(self.kwargs[i], self.device))) for i in idx]
+        return [self.forward_one(block, self.inputs[i], self.kwargs[i]) for i in idx]
 
 
 @dataclass

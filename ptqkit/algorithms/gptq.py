@@ -25,14 +25,7 @@ from ..quant import STRICT, quantize_weight
 from ..registry import register
 from .base import ActMax, Memory, Quantizer, QuantizerConfig, check_weight
 from .gptaq_math import asymmetric_map, cross_gram
-from .gptq_math import (
-    CholeskyError,
-    PreparedHessian,
-    accumulate_hessian,
-    gptq_quantize,
-    input_gram,
-    prepare,
-)
+from .gptq_math import CholeskyError, PreparedHessian, accumulate_hessian, gptq_quantize, input_gram, prepare
 
 log = logging.getLogger(__name__)
 
@@ -154,13 +147,12 @@ class GPTQ(Quantizer):
             codes, scales, zeros = quantize_weight(w, cfg)
             self.stats.setdefault(name, {}).update(method="rtn", few_tokens=st.count, seconds=time.perf_counter() - t0)
             return self.build(name, module, codes, scales, zeros, stats=st)
-        hessian, count = st.hessian, st.count
-        if not torch.isfinite(hessian).all():
+        if not torch.isfinite(st.hessian).all():
             raise ValueError(
                 f"{name}: the input Hessian has NaN/Inf values: the calibration activations reaching this "
                 "layer overflowed or are NaN (run the model in float32, or check the layers before it)"
             )
-        hessian = hessian.to(w.device)
+        hessian = st.hessian.to(w.device)
         if cfg.gptaq:
             if st.cross is None:
                 raise RuntimeError(f"{name}: gptaq=True but the runner gave no fp inputs for this layer")
@@ -171,19 +163,16 @@ class GPTQ(Quantizer):
         # K = 1536 Cholesky 123 against 240 ms on one); the column loop runs on one (gptq_columns)
         reused = st.prepared is not None
         try:  # linears reading one input share its Hessian: factorized once
-            if st.prepared is None:
+            if not reused:
                 st.prepared = prepare(hessian, cfg.damp, cfg.max_damp, cfg.act_order)
-            prepared = st.prepared
             res = gptq_quantize(w, hessian, cfg, block_size=cfg.block_size, static_groups=cfg.static_groups,
-                                prepared=prepared, mse_weighting=cfg.mse_weighting)
-        except CholeskyError as e:
-            raise CholeskyError(f"{name}: {e}") from e
-        except FloatingPointError as e:
-            raise FloatingPointError(f"{name}: {e}") from e
+                                prepared=st.prepared, mse_weighting=cfg.mse_weighting)
+        except (CholeskyError, FloatingPointError) as e:
+            raise type(e)(f"{name}: {e}") from e
         if res.damp != cfg.damp:
             log.warning("%s: Cholesky failed at damp=%g; succeeded with damp=%g", name, cfg.damp, res.damp)
         self.stats.setdefault(name, {}).update(
-            method="gptq", damp=res.damp, loss=res.loss, dead_columns=res.dead, tokens=count,
+            method="gptq", damp=res.damp, loss=res.loss, dead_columns=res.dead, tokens=st.count,
             shared_factorization=reused, hessian_s=0.0 if reused else st.seconds, seconds=time.perf_counter() - t0,
         )
         return self.build(name, module, res.codes, res.scales, res.zeros, perm=res.perm, stats=st)

@@ -26,13 +26,11 @@ from ..quant import QuantArgs, find_qparams, group_view, num_groups, qparams_fro
 def single_thread() -> Iterator[None]:
     """Run torch ops on one intra-op thread inside the block (restored after)."""
     old = torch.get_num_threads()
-    if old != 1:
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
     try:
         yield
     finally:
-        if old != 1:
-            torch.set_num_threads(old)
+        torch.set_num_threads(old)
 
 
 class CholeskyError(RuntimeError):
@@ -84,11 +82,6 @@ def hessian_of(x: torch.Tensor) -> torch.Tensor:
     return gram * (2.0 / n)
 
 
-def dead_columns(hessian: torch.Tensor) -> torch.Tensor:
-    """Boolean mask ``[K]`` of inputs that were always zero in calibration (zero Hessian diagonal)."""
-    return torch.diagonal(hessian) == 0
-
-
 def prepare_hessian(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """A dampened copy of ``H`` and its dead-column mask.
 
@@ -97,8 +90,8 @@ def prepare_hessian(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, t
     the diagonal (Sec. 4, "dampening") so the Cholesky factorization is well conditioned.
     """
     h = hessian.clone()
-    dead = dead_columns(h)
     diag = torch.diagonal(h)                                      # a view: edits go into h
+    dead = diag == 0                                              # inputs always zero in calibration
     diag[dead] = 1.0
     diag.add_(damp * diag.mean())
     return h, dead
@@ -122,11 +115,9 @@ def inverse_cholesky(hessian: torch.Tensor) -> torch.Tensor | None:
     return upper.to(hessian.dtype)
 
 
-def damped_inverse_cholesky(
-    hessian: torch.Tensor, damp: float, max_damp: float, factor: float = 2.0
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``(U, dead, damp_used)``: :func:`prepare_hessian` then :func:`inverse_cholesky`, raising the
-    dampening by ``factor`` per retry while the factorization fails, up to ``max_damp``.
+def damped_inverse_cholesky(hessian: torch.Tensor, damp: float, max_damp: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(U, dead, damp_used)``: :func:`prepare_hessian` then :func:`inverse_cholesky`, doubling the
+    dampening per retry while the factorization fails, up to ``max_damp``.
 
     Raises :class:`CholeskyError` when even ``max_damp`` does not make ``H`` positive definite.
     """
@@ -141,7 +132,7 @@ def damped_inverse_cholesky(
                 f"the Hessian is not positive definite even with damp={d:g} (max_damp={max_damp:g}): "
                 "use more calibration samples, or raise max_damp"
             )
-        d = min(max(d * factor, 1e-3), max_damp)
+        d = min(max(d * 2.0, 1e-3), max_damp)
 
 
 def act_order_perm(hessian: torch.Tensor) -> torch.Tensor:
@@ -150,9 +141,7 @@ def act_order_perm(hessian: torch.Tensor) -> torch.Tensor:
 
 
 def invert_perm(perm: torch.Tensor) -> torch.Tensor:
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype)
-    return inv
+    return torch.argsort(perm)
 
 
 # ---------------------------------------------------------------------------- quantization grid
@@ -212,9 +201,6 @@ def clip_search(
     return qparams_from_range(p * xmin, p * xmax, args.bits, args.sym)
 
 
-MSE_WEIGHTINGS = ("hessian", "uniform")
-
-
 def search_qparams(
     w: torch.Tensor, args: QuantArgs, weighting: str = "hessian", col_weight: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,31 +213,7 @@ def search_qparams(
     return clip_search(w, args)
 
 
-def group_qparams(
-    w: torch.Tensor, args: QuantArgs, weighting: str = "hessian", col_weight: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales and zeros ``[N, G]`` of the contiguous column groups of ``w [N, K]`` (ragged last group),
-    all groups in one :func:`search_qparams` call (``col_weight [K]``: the columns' loss weights)."""
-    n, k = w.shape
-    g = args.group_len(k)
-    cw = None
-    if col_weight is not None:
-        cw = group_view(col_weight.float()[None], g).repeat(n, 1)  # [G, g] -> [N*G, g]; padding weighs 0
-    scale, zero = search_qparams(group_view(w, g), args, weighting, cw)   # [N*G]
-    return scale.reshape(n, -1), zero.reshape(n, -1)               # [N, G]
-
-
 # ---------------------------------------------------------------------------- the column loop
-@dataclass
-class ColumnResult:
-    """Output of :func:`gptq_columns`, all in processing column order."""
-
-    codes: torch.Tensor   # [N, K] uint8
-    scales: torch.Tensor  # [N, G] fp32 (groups along processing order), or [N, K] per column if fixed
-    zeros: torch.Tensor   # like scales, uint8
-    loss: float           # Σ (w − q)² / [H⁻¹]_qq / 2, the paper's layer loss estimate (Eq. 2)
-
-
 def gptq_columns(
     weight: torch.Tensor,
     upper: torch.Tensor,
@@ -260,7 +222,7 @@ def gptq_columns(
     scale: torch.Tensor | None = None,
     zero: torch.Tensor | None = None,
     mse_weighting: str = "hessian",
-) -> ColumnResult:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float]:
     """GPTQ's column loop with lazy block updates (Algorithm 1 of the paper), vectorized over rows.
 
     ``weight [N, K]`` and ``upper [K, K]`` (:func:`damped_inverse_cholesky`) are in processing order.
@@ -271,18 +233,21 @@ def gptq_columns(
     ``W[:, j] −= (w_i − quant(w_i)) · U[i, j] / d`` for ``j > i`` (Eq. 3 written with the Cholesky
     rows); updates to columns beyond the current block of ``block_size`` are deferred and applied
     as one matrix product per block (Sec. 4, "lazy batch-updates").
+
+    Returns, in processing column order, ``codes [N, K]`` (uint8), the ``scales/zeros [N, G]`` of the groups
+    formed in the loop (fp32, uint8; ``None`` with fixed ``scale``) and the paper's layer loss estimate
+    ``Σ (w − q)² / [H⁻¹]_qq / 2`` (Eq. 2).
     """
     n, k = weight.shape
     wt = weight.float().t().contiguous()                           # [K, N]: column c of W is row wt[c]
     g = args.group_len(k)
     if scale is not None:
         st, zt = scale.float().t().contiguous(), zero.float().t().contiguous()   # [K, N]
-        qp = (st, st.reciprocal(), zt, zt * st)                    # scale, 1/scale, zero, zero·scale per column
+        qp, groups = (st, st.reciprocal(), zt, zt * st), None      # scale, 1/scale, zero, zero·scale per column
     else:
         # groups never straddle a block, so every group's qparams see fully updated weights
         block_size = g * max(1, block_size // g)
-        qp = (torch.empty(num_groups(k, g), n, dtype=torch.float32, device=wt.device), None, None, None)  # [G, N]
-        zeros = torch.empty_like(qp[0])
+        qp, groups = None, torch.empty(2, num_groups(k, g), n, dtype=torch.float32, device=wt.device)  # scales, zeros
     codes = torch.empty(k, n, dtype=torch.float32, device=wt.device)   # [K, N] codes as floats
     diag = torch.diagonal(upper).float()
     unit = upper.float() / diag[:, None]                            # rows of U scaled to a unit diagonal
@@ -291,29 +256,28 @@ def gptq_columns(
     with single_thread():  # tiny, latency-bound ops: thread fork/join would cost more than the math
         for i1 in range(0, k, block_size):
             i2 = min(i1 + block_size, k)
-            err1 = _quantize_block(wt, codes, unit, inv_d2, qp, None if scale is not None else zeros, i1, i2, g,
-                                   args, mse_weighting)
+            err1 = _quantize_block(wt, codes, unit, inv_d2, qp, groups, i1, i2, g, args, mse_weighting)
             loss += float((err1.double() / diag[i1:i2, None].double()).pow(2).sum()) / 2   # Σ (w−q)²/d² / 2
             if i2 < k:
                 wt[i2:].addmm_(unit[i1:i2, i2:].t(), err1, alpha=-1.0)           # lazy update of later blocks
     codes_u8 = codes.t().to(torch.uint8)                                         # [N, K]
-    if scale is not None:
-        return ColumnResult(codes_u8, scale, zero.round().to(torch.uint8), loss)
-    return ColumnResult(codes_u8, qp[0].t().contiguous(), zeros.t().round().to(torch.uint8), loss)
+    if groups is None:
+        return codes_u8, None, None, loss
+    return codes_u8, groups[0].t().contiguous(), groups[1].t().round().to(torch.uint8), loss
 
 
-def _quantize_block(wt: torch.Tensor, codes: torch.Tensor, unit: torch.Tensor, inv_d2: torch.Tensor, qp: tuple,
-                    zeros: torch.Tensor | None, i1: int, i2: int, g: int, args: QuantArgs,
+def _quantize_block(wt: torch.Tensor, codes: torch.Tensor, unit: torch.Tensor, inv_d2: torch.Tensor, qp: tuple | None,
+                    groups: torch.Tensor | None, i1: int, i2: int, g: int, args: QuantArgs,
                     mse_weighting: str) -> torch.Tensor:
     """Columns ``i1..i2`` of :func:`gptq_columns` (``wt`` and ``codes`` updated in place); returns the
-    block's errors ``[B, N]``. ``qp``: per-column (scale, 1/scale, zero, zero·scale) ``[K, N]`` each, or,
-    with ``zeros`` given, ``(scales [G, N], None, None, None)`` filled group by group here."""
+    block's errors ``[B, N]``. ``qp``: per-column (scale, 1/scale, zero, zero·scale) ``[K, N]`` each, or
+    ``None`` and ``groups [2, G, N]`` (scales, zeros) filled group by group here."""
     maxq = float(args.maxq)
     w1 = wt[i1:i2]                                              # [B, N] view: updated in place
     err1 = torch.empty_like(w1)                                 # [B, N] errors w − q
     u1 = unit[i1:i2, i1:i2]                                     # [B, B]
     rows = zip(w1.unbind(0), codes[i1:i2].unbind(0), err1.unbind(0))   # [N] views per column
-    fixed = zeros is None
+    fixed = groups is None
     if fixed:
         per_col = zip(*(t[i1:i2].unbind(0) for t in qp))
     for i, (w, q, e) in enumerate(rows):
@@ -322,7 +286,7 @@ def _quantize_block(wt: torch.Tensor, codes: torch.Tensor, unit: torch.Tensor, i
             s, inv_s, z, zs = next(per_col)
         elif c % g == 0:                                        # a group starts: its qparams, [N] each
             s, z = search_qparams(w1[i:i + g].t(), args, mse_weighting, inv_d2[c:c + g])
-            qp[0][c // g], zeros[c // g] = s, z
+            groups[0][c // g], groups[1][c // g] = s, z
             inv_s, zs = s.reciprocal(), z * s
         torch.addcmul(z, w, inv_s, out=q).round_().clamp_(0.0, maxq)   # code = clamp(round(w/s + z))
         torch.addcmul(w, q, s, value=-1.0, out=e).add_(zs)             # e = w − (code − z)·s
@@ -403,25 +367,22 @@ def gptq_quantize(
     col_w = col_w if perm is None else col_w[invert_perm(perm)]    # original order
     scale = zero = None
     if not grouped:
-        s, z = search_qparams(w, args, mse_weighting, col_w)       # [N]
-        scale, zero = s[:, None].expand(n, k), z[:, None].expand(n, k)
-    elif perm is not None and static_groups:
-        gs, gz = group_qparams(w, args, mse_weighting, col_w)      # [N, G] original groups
-        gidx = torch.arange(k, device=w.device) // args.group_len(k)
-        scale, zero = gs[:, gidx[perm]], gz[:, gidx[perm]]          # [N, K] per processing column
+        scales, zeros = (t[:, None] for t in search_qparams(w, args, mse_weighting, col_w))   # [N, 1]
+        scale, zero = scales.expand(n, k), zeros.expand(n, k)
+    elif perm is not None and static_groups:  # the original contiguous groups, all in one search
+        g = args.group_len(k)
+        cw = group_view(col_w.float()[None], g).repeat(n, 1)         # [G, g] -> [N*G, g]; padding weighs 0
+        scales, zeros = (t.reshape(n, -1) for t in search_qparams(group_view(w, g), args, mse_weighting, cw))  # [N, G]
+        gidx = torch.arange(k, device=w.device) // g
+        scale, zero = scales[:, gidx[perm]], zeros[:, gidx[perm]]        # [N, K] per processing column
     wp = w if perm is None else w[:, perm]
-    res = gptq_columns(wp, prepared.upper, args, block_size, scale, zero, mse_weighting)
-    codes = res.codes
-    if not grouped:
-        scales, zeros = res.scales[:, :1].contiguous(), res.zeros[:, :1].contiguous()
-    elif perm is not None and static_groups:
-        scales, zeros = gs, gz.round().to(torch.uint8)
+    codes, loop_scales, loop_zeros, loss = gptq_columns(wp, prepared.upper, args, block_size, scale, zero, mse_weighting)
+    if scale is None:
+        scales, zeros = loop_scales, loop_zeros
     else:
-        scales, zeros = res.scales, res.zeros
-    out_perm = perm
+        zeros = zeros.round().to(torch.uint8)
     if perm is not None and (static_groups or not grouped):
-        codes = codes[:, invert_perm(perm)]                        # back to original column order
-        out_perm = None
-    if not math.isfinite(res.loss):
+        codes, perm = codes[:, invert_perm(perm)], None            # back to original column order
+    if not math.isfinite(loss):
         raise FloatingPointError("GPTQ produced a non-finite loss (NaN/Inf in the weights or the Hessian)")
-    return GPTQResult(codes, scales, zeros, out_perm, res.loss, prepared.damp, int(dead.sum()))
+    return GPTQResult(codes, scales, zeros, perm, loss, prepared.damp, int(dead.sum()))

@@ -28,6 +28,3 @@ class Rotate(Transform):
 
     def prepare_model(self, model: nn.Module) -> dict:
         return rotate_model_(model, self.config.per_head, self.config.rotation_seed)
-
-    def apply(self, block: nn.Module, ctx: object) -> None:  # never called: the runner skips whole-model steps
-        raise RuntimeError("rotate runs once on the whole model (prepare_model), not per block")

@@ -26,6 +26,7 @@ both on auto, ``alpha`` is searched first (``linear_alpha`` held at 0.5), then `
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass as std_dataclass
@@ -123,6 +124,11 @@ def outlier_stats(act_max: torch.Tensor) -> dict[str, float]:
     return {"max": mx, "median": med, "ratio": mx / med if med > 0 else math.inf}
 
 
+def _outliers(act_max: torch.Tensor, when: str) -> dict[str, float]:
+    o = outlier_stats(act_max)
+    return {f"act_max_{when}": o["max"], f"act_median_{when}": o["median"], f"outlier_ratio_{when}": o["ratio"]}
+
+
 # ------------------------------------------------------------------ simulated quantization (alpha search)
 def simulated_linear(linear: nn.Linear, qargs: Any, input_amax: float | None = None) -> nn.Module:
     """The module ``linear`` becomes under RTN with ``qargs`` (a quantizer config): W8A8 when
@@ -155,8 +161,7 @@ class _Group:
     prev: str                        # the producing norm or linear
     prev_module: nn.Module
     kind: str                        # "norm" or "linear": which strength applies
-    names: tuple[str, ...]           # every linear reading it (scaled, ignored ones too)
-    linears: tuple[nn.Linear, ...]
+    linears: tuple[nn.Linear, ...]   # every linear reading it (scaled, ignored ones too)
     quantized: tuple[str, ...]       # the ones the quantizer will replace
     act_max: torch.Tensor            # [K] per-channel max|x| of their input
     w_max: torch.Tensor              # [K] over the quantized linears' columns
@@ -188,9 +193,8 @@ class SmoothQuant(Transform):
     # ---------------------------------------------------------------- wiring
     def _groups(self, block: nn.Module, ctx: Any) -> list[_Group]:
         """The block's smoothable mappings, all resolved before any weight changes."""
-        maps = self._check_mappings(block, ctx)
-        module = lambda name: _submodule(block, name, ctx)  # noqa: E731
-        groups = [self._group(module, ctx, m) for m in maps]
+        module = functools.partial(_submodule, block, ctx=ctx)
+        groups = [self._group(module, ctx, m) for m in self._check_mappings(block, ctx)]
         return [g for g in groups if g is not None]
 
     def _check_mappings(self, block: nn.Module, ctx: Any) -> tuple[Mapping, ...]:
@@ -235,7 +239,7 @@ class SmoothQuant(Transform):
                 return None
             act_max = torch.stack(stats).amax(dim=0)
         w_max = weight_absmax([module(n).weight for n in quantized])
-        return _Group(m.prev, prev, kind, tuple(m.linears), linears, quantized, act_max, w_max, m.norm_offset)
+        return _Group(m.prev, prev, kind, linears, quantized, act_max, w_max, m.norm_offset)
 
     # ---------------------------------------------------------------- in-pass (one forward per block)
     def in_pass(self, block: nn.Module, ctx: Any) -> bool:
@@ -246,11 +250,7 @@ class SmoothQuant(Transform):
         if "auto" in (self.config.alpha, self.config.linear_alpha):
             return False
         self._maps = self._check_mappings(block, ctx)
-        for m in self._maps:
-            n_quantized = sum(n in ctx.linears for n in m.linears)
-            if 0 < n_quantized < len(m.linears):
-                return False
-        return True
+        return not any(0 < sum(n in ctx.linears for n in m.linears) < len(m.linears) for m in self._maps)
 
     @torch.no_grad()
     def at_barrier(self, ctx: Any, barrier: Barrier) -> torch.Tensor | None:
@@ -314,20 +314,12 @@ class SmoothQuant(Transform):
                 self._record_unsmoothed(f"{ctx.prefix}.{n}", ctx.stats[n].value)
 
     def _record(self, ctx: Any, g: _Group, s: torch.Tensor, alphas: dict[str, Any]) -> None:
-        before, after = outlier_stats(g.act_max), outlier_stats(g.act_max / s)
         for n in g.quantized:
-            self.stats[f"{ctx.prefix}.{n}"] = {
-                "smoothed_by": f"{ctx.prefix}.{g.prev}", "alpha": alphas[g.kind],
-                "act_max_before": before["max"], "act_median_before": before["median"],
-                "outlier_ratio_before": before["ratio"],
-                "act_max_after": after["max"], "act_median_after": after["median"],
-                "outlier_ratio_after": after["ratio"],
-            }
+            self.stats[f"{ctx.prefix}.{n}"] = {"smoothed_by": f"{ctx.prefix}.{g.prev}", "alpha": alphas[g.kind],
+                                               **_outliers(g.act_max, "before"), **_outliers(g.act_max / s, "after")}
 
     def _record_unsmoothed(self, key: str, act_max: torch.Tensor) -> None:
-        o = outlier_stats(act_max)
-        self.stats[key] = {"smoothed_by": None, "act_max_before": o["max"], "act_median_before": o["median"],
-                           "outlier_ratio_before": o["ratio"]}
+        self.stats[key] = {"smoothed_by": None, **_outliers(act_max, "before")}
 
     def _search(self, block: nn.Module, ctx: Any, groups: list[_Group],
                 alphas: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[float, float]]]:
