@@ -82,11 +82,22 @@ def test_in_pass_smoothing_is_exact_in_one_pass_and_equals_smooth_model(tiny_lla
     assert sq.stats["model.layers.0.self_attn.o_proj"]["smoothed_by"] is None
 
 
-@pytest.mark.parametrize("activations", [None, "dynamic"])
-def test_in_pass_inputs_are_those_of_the_final_model(tiny_llama, activations) -> None:
+@pytest.mark.parametrize("activations,bias", [(None, False), ("dynamic", False), (None, True)])
+def test_in_pass_inputs_are_those_of_the_final_model(tiny_llama, activations, bias) -> None:
     """What each linear was quantized from during the single pass equals what it receives in the
     final quantized model: readers after the first get the smoothed input too, and the scale folded
-    into the already-quantized up_proj (up -> down) changes its output exactly as assumed."""
+    into the already-quantized up_proj (up -> down) changes its output exactly as assumed. With
+    ``bias`` the MLP's linears have biases: up_proj's is divided once (its stand-in shared it with
+    the quantized layer, so the fold divided it twice)."""
+    if bias:
+        from transformers import LlamaForCausalLM
+        from conftest import tiny_llama_config
+
+        torch.manual_seed(0)
+        tiny_llama = LlamaForCausalLM(tiny_llama_config(mlp_bias=True)).eval()
+        with torch.no_grad():
+            for layer in tiny_llama.model.layers:
+                layer.mlp.up_proj.bias.normal_()
     fp = _outlier_llama(tiny_llama)
     calib = _ids(8, 32, 23)
     model = copy.deepcopy(fp)

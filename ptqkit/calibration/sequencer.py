@@ -81,8 +81,8 @@ class Wrapped(nn.Module):
             self.inner = nn.Linear(self.final.in_features, self.final.out_features, bias=self.final.bias is not None,
                                    device=self.final.scales.device, dtype=self.final.scales.dtype)
             self.inner.weight.data = self.final.dequantize()
-            if self.final.bias is not None:
-                self.inner.bias.data = self.final.bias
+            if self.final.bias is not None:  # its own copy: an in-pass fold divides both (Sequencer._divide_rows)
+                self.inner.bias.data = self.final.bias.detach().clone()
         else:
             self.inner = self.final
         self.done = True
