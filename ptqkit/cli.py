@@ -202,7 +202,7 @@ def _plan(args: argparse.Namespace) -> tuple[Any, dict[str, Any], list, Path, in
     evaluation settings, the output and whether the format can hold the grid, free memory."""
     from . import estimate
     from .calibration.data import check_source
-    from .config import build_recipe
+    from .config import build_recipe, grid_label
 
     method, options = _method(args.method), _options(args)
     steps = build_recipe(method, options)
@@ -219,8 +219,7 @@ def _plan(args: argparse.Namespace) -> tuple[Any, dict[str, Any], list, Path, in
     if shape is not None and args.group_size is None and "group_size" not in options:
         steps = _servable_groups(method, options, steps, shape)
     q = steps[-1].config
-    grid = "w8a8" if q.activations else f"w{q.bits}" + ("pc" if q.group_size == -1 else f"g{q.group_size}")
-    out = Path(args.output or f"ptqkit-out/{_model_name(args.model)}-{'+'.join(s.name for s in steps)}-{grid}")
+    out = Path(args.output or f"ptqkit-out/{_model_name(args.model)}-{'+'.join(s.name for s in steps)}-{grid_label(q)}")
     if not args.no_save:
         source = models.resolve_model_path(args.model)
         check_output(out, args.overwrite, [source] if Path(source).is_dir() else [], "--output")

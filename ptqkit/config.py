@@ -115,6 +115,13 @@ def build_recipe(method: MethodSpec, options: dict[str, Any] | None = None) -> l
     return steps
 
 
+def grid_label(config: Any) -> str:
+    """A run's grid in names: ``w4g128``, ``w4pc`` (per channel), ``w8a8`` (int8 activations too)."""
+    if getattr(config, "activations", None):
+        return "w8a8"
+    return f"w{config.bits}" + ("pc" if config.group_size == -1 else f"g{config.group_size}")
+
+
 def describe(e: ValidationError) -> str:
     """A pydantic validation error in one line: ``bits=9: input should be less than or equal to 8``."""
     parts: dict[str, list[str]] = {}

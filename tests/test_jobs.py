@@ -161,7 +161,7 @@ def test_w8a8_rtn_takes_its_grid_from_the_comparison():
     """rtn[activations=dynamic] is W8A8 only at bits 8, per channel: valid on that grid, named per point elsewhere;
     SmoothQuant recipes fix their own grid and run once."""
     combos = jobs.plan(["rtn[activations=dynamic]", "smoothquant+gptq[alpha=0.8]"], [8], [-1])
-    assert [c.label for c in combos] == ["rtn[activations=dynamic]-w8pc", "smoothquant+gptq[alpha=0.8]-w8a8"]
+    assert [c.label for c in combos] == ["rtn[activations=dynamic]-w8a8", "smoothquant+gptq[alpha=0.8]-w8a8"]
     with pytest.raises(jobs.SpecError, match=r"at bits=4, group_size=64: step 'rtn': int8 activations \(W8A8\) need bits=8"):
         jobs.plan(["rtn[activations=dynamic]"], [4, 8], [64, -1])
 

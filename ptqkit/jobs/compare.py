@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .. import api
 from .. import evaluation as _evaluation
 from ..calibration.data import load_calibration, load_eval_ids
-from ..config import build_recipe
+from ..config import build_recipe, grid_label
 from ..estimate import PeakMemory
 from ..evaluation.plots import plot_ppl_by_bits, plot_size_vs_ppl
 from ..files import atomic_dir, atomic_file, read_json, write_json, write_text
@@ -127,11 +127,11 @@ def plan(methods: Sequence[str], bits: Sequence[int], group_sizes: Sequence[int]
             for g in group_sizes:
                 opts = {**base, "bits": b, "group_size": g}
                 try:
-                    build_recipe(steps, opts)
+                    label = f"{m}-{grid_label(build_recipe(steps, opts)[-1].config)}"
                 except ValueError as e:
                     errors.append((b, g, str(e)))
                     continue
-                combos.append(Combination(m, f"{m}-w{b}" + ("pc" if g == -1 else f"g{g}"), opts, b, g, recipe, own))
+                combos.append(Combination(m, label, opts, b, g, recipe, own))
         if base_error is not None and errors and all(msg == base_error for _, _, msg in errors):
             problems.append(f"method {m!r}: {base_error}")  # not about the grid: say it once
         else:

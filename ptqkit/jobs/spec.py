@@ -24,7 +24,7 @@ from pydantic.dataclasses import dataclass
 from yaml.nodes import MappingNode, Node, SequenceNode
 
 from ..calibration.runner import PIPELINES
-from ..config import build_recipe
+from ..config import build_recipe, grid_label
 from ..formats import FORMATS
 from ..models import DEFAULT_MODEL
 
@@ -302,9 +302,7 @@ def _check_recipe(job: JobSpec, problems: list[str]) -> None:
         problems.append(f"{_blame(job, str(e), keys, 'options' if job.options else 'recipe')}: {e}")
         return
     if not job.name:
-        q = built[-1].config
-        grid = f"w{q.bits}" + ("pc" if q.group_size == -1 else f"g{q.group_size}")
-        job.name = "+".join(s.name for s in built) + "-" + grid
+        job.name = "+".join(s.name for s in built) + "-" + grid_label(built[-1].config)
 
 
 def validate_job(job: JobSpec, problems: list[str]) -> None:
