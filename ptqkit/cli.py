@@ -372,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The ``ptqkit`` command: tunes its own process (one malloc arena, ``calibration/host.py``), then runs."""
+    """The ``ptqkit`` command: tunes its own process (one malloc arena, huge pages: ``calibration/host.py``), then runs."""
     from .calibration import host
 
     try:

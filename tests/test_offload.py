@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -178,7 +179,10 @@ def test_malloc_modes(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="PTQKIT_MALLOC_TUNE='lots'"):
         host.tune_process()
     monkeypatch.delenv("PTQKIT_MALLOC_TUNE")  # auto: the command's process gets one arena, runs trim when tight
+    monkeypatch.setattr(host, "THP_MODE", "/nonexistent")
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
     assert host.tune_process() and libc.calls == [("mallopt", host._M_ARENA_MAX, 1)]
+    assert "THP_MEM_ALLOC_ENABLE" not in os.environ                  # no THP setting to read: left alone
     assert host.trim_barriers(None, 0) is None                       # no estimate: leave it
     trim = host.trim_barriers(2**30, 2 * 2**30)                      # 2.5 GiB does not fit in 2: every barrier
     trim()
@@ -227,3 +231,19 @@ def test_cli_estimate_of_a_disk_offloaded_run(tmp_path, capsys) -> None:
         return float(next(line for line in text.splitlines() if "host: model weights" in line).split()[-2])
 
     assert host_weights(off) < host_weights(full)
+
+
+@pytest.mark.parametrize("kernel,given,want", [("always [madvise] never", None, "1"), ("[always] madvise never", None, None),
+                                               ("always madvise [never]", None, None), ("always [madvise] never", "0", "0")])
+def test_huge_pages_for_the_command(monkeypatch, tmp_path, kernel, given, want) -> None:
+    """The command asks torch for huge pages (large tensors) only where the kernel gives them on request
+    (``madvise``; ``always`` gives them anyway); a value the user set stays."""
+    monkeypatch.setattr(host, "_libc", lambda: _Libc())
+    monkeypatch.delenv("PTQKIT_MALLOC_TUNE", raising=False)
+    (tmp_path / "enabled").write_text(kernel + "\n")
+    monkeypatch.setattr(host, "THP_MODE", str(tmp_path / "enabled"))
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    if given is not None:
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", given)
+    host.tune_process()
+    assert os.environ.get("THP_MEM_ALLOC_ENABLE") == want

@@ -8,8 +8,10 @@ next block's tensors: with one arena the resident set of GPTQ on SmolLM2 (128 x 
 the live set. Remedies, none a setting of the user's process:
 
 - ``ptqkit`` the command (:func:`tune_process`, called by its entry point before anything loads)
-  limits its own process to one arena. A library call never does this: glibc cannot undo an arena
-  limit once threads have used it.
+  limits its own process to one arena, and asks torch for transparent huge pages for large tensors
+  where the kernel gives them on request (fewer page faults when trimmed memory is reused: -7% time on
+  SmolLM2). A library call never does this: glibc cannot undo an arena limit once threads have used it,
+  and torch reads ``THP_MEM_ALLOC_ENABLE`` once.
 - :func:`trim_barriers`: at a barrier, when every batch is paused, the sequencer returns freed heap pages
   to the kernel (``malloc_trim(0)``) once glibc holds more than ``FREE_OVER`` of the run's live set in
   free chunks (SmolLM2: 1.7 GiB instead of 2.7 GiB, about +10% time); at every
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 _M_ARENA_MAX = -8  # glibc malloc.h
 ARENA_FACTOR = 2.5  # glibc's peak over the live set, with margin (measured 1.0-2.7 with one arena)
 FREE_OVER = 0.5  # otherwise trim at a barrier where glibc holds more free memory than this share of the run
+THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"  # always / [madvise] / never
 SLACK = 0.3  # what it then keeps at the peak, on average (measured 0.46 on SmolLM2 at 128 x 512, less on tiny runs)
 MODES = ("auto", "trim", "0")
 
@@ -73,10 +76,23 @@ def _libc() -> Any:
 
 
 def tune_process() -> bool:
-    """One malloc arena for this process (the ``ptqkit`` command's own, before anything loads); returns
-    whether it took effect. Not for library code: glibc cannot undo it."""
+    """One malloc arena for this process, and huge pages for torch's tensors of 2 MiB and more where the
+    kernel gives them on request (the ``ptqkit`` command's own, before anything loads); returns whether
+    the arena limit took effect. Not for library code: neither can be undone."""
     libc = _libc()
-    return _mode() != "0" and libc is not None and libc.mallopt(_M_ARENA_MAX, 1) == 1
+    if _mode() == "0" or libc is None:
+        return False
+    if "[madvise]" in _read(THP_MODE) and "THP_MEM_ALLOC_ENABLE" not in os.environ:
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # read by torch at its first large allocation (c10 alloc_cpu)
+    return libc.mallopt(_M_ARENA_MAX, 1) == 1
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 def slack() -> float:
