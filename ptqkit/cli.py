@@ -333,16 +333,17 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     steps = build_recipe(_method(args.method), parse_options(args.option, "--option"))
     kw = _estimate_kw(args, steps, budget)
     host_free, dev_free = estimate.free_memory(kw["device"])
+    opts = plan.options(shape, kw, host_free, dev_free)
     if kw["pipeline"] == "auto":
-        mode = plan.choose(shape, kw, host_free, dev_free)[0]
+        mode = plan.pick(opts)[0]
         kw.update(mode.settings, offload_activations=mode.offload_activations or args.offload_activations)
-    run = kw["pipeline"] + (", activations on the host" if kw["offload_activations"] else "")
+    run = plan.mode_name(kw["pipeline"], kw["offload_activations"])
     print(f"{args.model}: {args.method}, {args.num_samples} x {args.seqlen} tokens, batch {args.batch_size}, "
           f"{f'auto: {run}' if args.pipeline == 'auto' else run}"
           f"{f', weights on disk beyond {args.max_host_memory}' if args.max_host_memory is not None else ''}")
     print(estimate.estimate(shape, **kw).table())
     print("\nevery pipeline (auto takes the fastest that fits):")
-    print(plan.table(shape, kw, host_free, dev_free))
+    print(plan.table(opts, host_free, dev_free))
     return 0
 
 

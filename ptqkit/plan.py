@@ -41,11 +41,16 @@ class Mode:
 
     @property
     def name(self) -> str:
-        return self.pipeline + (", activations on the host" if self.offload_activations else "")
+        return mode_name(self.pipeline, self.offload_activations)
 
     @property
     def settings(self) -> dict[str, Any]:
         return {"pipeline": self.pipeline, "offload_activations": self.offload_activations}
+
+
+def mode_name(pipeline: str, offload_activations: bool) -> str:
+    """How a run's pipeline is named in logs and tables: ``sequential, activations on the host``."""
+    return pipeline + (", activations on the host" if offload_activations else "")
 
 
 #: fastest first; times measured on SmolLM2 GPTQ W4 g64 128 x 512 (two-pass: 1.4-1.8x, docs/scaling.md), the
@@ -75,35 +80,39 @@ def options(shape: ModelShape, kw: dict[str, Any], host_free: int, dev_free: int
     return [(m, est, fits(est, host_free, dev_free, resident)) for m, est in ests]
 
 
+def pick(opts: list[tuple[Mode, MemoryEstimate, bool]]) -> tuple[Mode, MemoryEstimate, bool]:
+    """``auto``'s pick among :func:`options`: the fastest that fits (the leanest, last, when none does)."""
+    return next((o for o in opts if o[2]), opts[-1])
+
+
 def choose(shape: ModelShape, kw: dict[str, Any], host_free: int, dev_free: int | None,
            resident: bool = False) -> tuple[Mode, MemoryEstimate, str]:
     """``auto``: the fastest mode that fits, its estimate and why (the slowest mode when none fits: the caller's
     memory check refuses it)."""
     opts = options(shape, kw, host_free, dev_free, resident)
+    m, est, ok = pick(opts)
     where = f"{(dev_free if dev_free is not None else host_free) / GIB:.1f} GiB free"
 
     def need(est: MemoryEstimate) -> str:  # what has to fit: the device's peak, or the host's beyond loaded weights
         b = est.device_peak if dev_free is not None else est.host_peak - (est.host_model if resident else 0)
         return f"{b / GIB:.2f} GiB"
-    for i, (m, est, ok) in enumerate(opts):
-        if ok:
-            faster = f"; {opts[0][0].name} would need {need(opts[0][1])}" if i else ""
-            return m, est, f"the fastest that fits: {need(est)} of {where}{faster}"
-    m, est, _ = opts[-1]
-    return m, est, f"nothing fits in {where}; {m.name} needs the least ({need(est)})"
+    if not ok:
+        return m, est, f"nothing fits in {where}; {m.name} needs the least ({need(est)})"
+    faster = f"; {opts[0][0].name} would need {need(opts[0][1])}" if m != opts[0][0] else ""
+    return m, est, f"the fastest that fits: {need(est)} of {where}{faster}"
 
 
-def table(shape: ModelShape, kw: dict[str, Any], host_free: int, dev_free: int | None, resident: bool = False) -> str:
-    """Every mode's peak on the device and the host, its time and whether it fits; ``auto``'s pick marked."""
-    opts = options(shape, kw, host_free, dev_free, resident)
-    pick = next((m for m, _, ok in opts if ok), opts[-1][0])  # as choose decides
+def table(opts: list[tuple[Mode, MemoryEstimate, bool]], host_free: int, dev_free: int | None) -> str:
+    """Every mode of :func:`options` with its peak on the device and the host, its time and whether it fits
+    (in ``host_free`` / ``dev_free``); ``auto``'s pick marked."""
+    chosen = pick(opts)[0]
     w = max(len(m.name) for m, _, _ in opts)
     free = (f"{dev_free / GIB:.1f} GiB free on the device, " if dev_free is not None else "") + \
         f"{host_free / GIB:.1f} GiB on the host"
     lines = [f"{'mode':<{w}}  {'device peak':>12}  {'host peak':>10}  {'time':>5}  codes          fits ({free})"]
     for m, est, ok in opts:
         lines.append(f"{m.name:<{w}}  {est.device_peak / GIB:8.2f} GiB  {est.host_peak / GIB:6.2f} GiB  "
-                     f"{m.time:4.2f}x  {m.codes:<13}  {'yes' if ok else 'no'}{'   <- auto' if m == pick else ''}")
+                     f"{m.time:4.2f}x  {m.codes:<13}  {'yes' if ok else 'no'}{'   <- auto' if m == chosen else ''}")
     return "\n".join(lines)
 
 
@@ -143,11 +152,12 @@ def check(shape: ModelShape, extra_host: int = 0, **kw: Any) -> MemoryEstimate:
     ``MemoryError`` naming the settings that fit when it exceeds free memory."""
     host_free, dev_free = E.free_memory(kw.get("device", "cpu"))
     host_free -= extra_host
-    if kw.get("pipeline", "auto") == "auto":
+    if kw.get("pipeline", "auto") == "auto":  # choose estimated the mode with exactly these settings
         m, est, why = choose(shape, kw, host_free, dev_free)
         log.info("pipeline auto: %s (%s)", m.name, why)  # before the load; the runner decides again at run time
         kw = {**kw, **m.settings}
-    est = E.estimate(shape, **kw)
+    else:
+        est = E.estimate(shape, **kw)
     if fits(est, host_free, dev_free):
         return est
     where = (f"host {est.host_peak / GIB:.2f} GiB > {MARGIN:.0%} of {host_free / GIB:.2f} GiB available"

@@ -158,8 +158,8 @@ def test_auto_takes_the_fastest_mode_that_fits(monkeypatch: pytest.MonkeyPatch) 
         assert got == m and est.device_peak == peaks[m] and "fits" in why, (i, why)
         monkeypatch.setattr(E, "free_memory", lambda device, free=free: (2**40, free))
         assert plan.check(shape, **kw, pipeline="auto").device_peak == peaks[m]
-        assert "<- auto" in [line for line in plan.table(shape, kw, 2**40, free).splitlines() if line.startswith(m.name
-                                                                                                               + " ")][0]
+        text = plan.table(plan.options(shape, kw, 2**40, free), 2**40, free)
+        assert "<- auto" in [line for line in text.splitlines() if line.startswith(m.name + " ")][0]
     cpu = [m.name for m, _, _ in plan.options(shape, {**kw, "device": "cpu"}, 2**40, None)]
     assert cpu == ["sequential", "two-pass"]  # on a CPU the host is the device: nothing to move
 

@@ -363,15 +363,16 @@ def gptq_quantize(
     w = weight.float().clone()
     w[:, dead] = 0.0                                               # inputs that are always zero
     grouped = args.group_size != -1 and args.group_len(k) < k
+    inv = None if perm is None else invert_perm(perm)
     col_w = torch.diagonal(prepared.upper).float().pow(-2)         # 1/[H⁻¹]_jj, processing order
-    col_w = col_w if perm is None else col_w[invert_perm(perm)]    # original order
+    col_w = col_w if inv is None else col_w[inv]                   # original order
     scale = zero = None
     if not grouped:
         scales, zeros = (t[:, None] for t in search_qparams(w, args, mse_weighting, col_w))   # [N, 1]
         scale, zero = scales.expand(n, k), zeros.expand(n, k)
     elif perm is not None and static_groups:  # the original contiguous groups, all in one search
         g = args.group_len(k)
-        cw = group_view(col_w.float()[None], g).repeat(n, 1)         # [G, g] -> [N*G, g]; padding weighs 0
+        cw = group_view(col_w[None], g).repeat(n, 1)         # [G, g] -> [N*G, g]; padding weighs 0
         scales, zeros = (t.reshape(n, -1) for t in search_qparams(group_view(w, g), args, mse_weighting, cw))  # [N, G]
         gidx = torch.arange(k, device=w.device) // g
         scale, zero = scales[:, gidx[perm]], zeros[:, gidx[perm]]        # [N, K] per processing column
@@ -382,7 +383,7 @@ def gptq_quantize(
     else:
         zeros = zeros.round().to(torch.uint8)
     if perm is not None and (static_groups or not grouped):
-        codes, perm = codes[:, invert_perm(perm)], None            # back to original column order
+        codes, perm = codes[:, inv], None                          # back to original column order
     if not math.isfinite(loss):
         raise FloatingPointError("GPTQ produced a non-finite loss (NaN/Inf in the weights or the Hessian)")
     return GPTQResult(codes, scales, zeros, perm, loss, prepared.damp, int(dead.sum()))

@@ -96,8 +96,8 @@ def capture_inputs(model: nn.Module, calib: CalibrationSet, blocks_path: str, de
     hidden = [h.to(store) for h, _ in catcher.args]
     slots = output_slots(hidden)  # one allocation for all of them (see output_slots)
     catcher.args = [(None, kw) for _, kw in catcher.args]
-    if slots is not None:
-        hidden = [s.copy_(h) for s, h in zip(slots, hidden)]
+    for i, s in enumerate(slots or ()):
+        hidden[i] = s.copy_(hidden[i])  # each batch's own tensor freed as soon as it is copied
     return hidden, [send_to_device(kw, store) for _, kw in catcher.args]
 
 
@@ -159,10 +159,9 @@ def _estimate_kw(model: nn.Module, steps: Sequence[Algorithm], calib: Calibratio
                        batch_size=batch_size, dtype=dtype)
 
 
-def _auto(model: nn.Module, steps: Sequence[Algorithm], calib: CalibrationSet, batch_size: int,
-          device: torch.device, offload_activations: bool) -> tuple[str, bool]:
+def _auto(shape: estimate.ModelShape | None, kw: dict[str, Any], device: torch.device,
+          offload_activations: bool) -> tuple[str, bool]:
     """``pipeline="auto"``: the fastest mode whose estimate fits in free memory (:mod:`ptqkit.plan`)."""
-    shape, kw = _estimate_kw(model, steps, calib, batch_size)
     mode, why = plan.resolve(shape, kw, device)
     if distributed.is_distributed():  # every rank must run the same mode: the leanest any rank needs
         lean = plan.MODES[max(distributed.all_gather_int(plan.MODES.index(mode)))]
@@ -171,14 +170,13 @@ def _auto(model: nn.Module, steps: Sequence[Algorithm], calib: CalibrationSet, b
     return mode.pipeline, mode.offload_activations or offload_activations
 
 
-def _trimmer(model: nn.Module, steps: Sequence[Algorithm], calib: CalibrationSet, batch_size: int, pipeline: str,
-             device: torch.device, info: dict[str, Any]) -> Callable[[], None] | None:
+def _trimmer(shape: estimate.ModelShape | None, kw: dict[str, Any], pipeline: str, device: torch.device,
+             info: dict[str, Any]) -> Callable[[], None] | None:
     """On the host: what returns freed memory to the kernel at barriers (``host.trim_barriers``, for the run's
     estimated live set: its memory beyond the model's weights), recorded in ``info["malloc"]`` ("trim": every
     barrier, "trim_free": past ``host.FREE_OVER``)."""
     if device.type != "cpu":
         return None
-    shape, kw = _estimate_kw(model, steps, calib, batch_size)
     est = estimate.estimate(shape, **kw, pipeline=pipeline) if shape is not None else None
     live = est.host_peak - est.host_model - est.allocator if est is not None else None
     fn = host.trim_barriers(live, estimate.free_memory("cpu")[0])
@@ -237,14 +235,15 @@ def run(model: nn.Module, calib: CalibrationSet | None, steps: Sequence[Algorith
         info["quantize_s"] = time.perf_counter() - t0
         return info
     calib, device = _shard(calib, device, info)
+    shape, est_kw = _estimate_kw(model, steps, calib, batch_size)  # for auto's choice and the host's trims
     if pipeline == "auto":
-        pipeline, offload_activations = _auto(model, steps, calib, batch_size, device, offload_activations)
+        pipeline, offload_activations = _auto(shape, est_kw, device, offload_activations)
     info.update(pipeline=pipeline, offload_activations=offload_activations)
     arch, store = architecture(model), torch.device("cpu") if offload_activations else device
     inputs, kwargs = capture_inputs(model, calib, path, device, batch_size, store)
     info["capture_s"] = time.perf_counter() - t0
     fp = [inputs] if getattr(steps[-1].config, "gptaq", False) else None  # the fp model's own stream
-    on_barrier = _trimmer(model, steps, calib, batch_size, pipeline, device, info)
+    on_barrier = _trimmer(shape, est_kw, pipeline, device, info)
     for i, block in enumerate(tqdm(blocks, desc=f"{'+'.join(s.name for s in steps)}: blocks", unit="block")):
         tb, prefix = time.perf_counter(), f"{path}.{i}."
         if offloaded:
