@@ -3,6 +3,7 @@
     python benchmarks/quantize_time.py                          # ptqkit GPTQ W4 g64, 128 x 512 builtin tokens
     python benchmarks/quantize_time.py --bits 3 --option act_order=true --eval-windows 4
     /path/to/venv/bin/python benchmarks/quantize_time.py --compare-llmcompressor
+    python benchmarks/quantize_time.py --as-command --compare-llmcompressor --llmc-python VENV/bin/python  # #21's pair
     python benchmarks/quantize_time.py --smoothquant 0.8 --compare-llmcompressor --llmc-python ... --eval-windows 8
 
 Each run happens in a fresh child process (so peak memory is its own): the model is loaded, then
@@ -100,7 +101,7 @@ def child_ptqkit(args: argparse.Namespace) -> dict[str, Any]:
                        "forward_s": b["seconds"] - gptq - hess})
     out.update(blocks=blocks, capture_s=info["timings"].get("capture_s", 0.0), rss_before_mb=mem.start / 2**20,
                peak_rss_mb=mem.peak_mb, peak_increase_mb=mem.extra_mb,
-               damps=sorted({v["damp"] for v in layers.values() if "damp" in v}))
+               damps=sorted({v["damp"] for v in layers.values() if "damp" in v}), allocator=info["host"].get("allocator"))
     out["ppl_q"] = perplexity(model, tok, args.eval_windows)
     return out
 
@@ -165,7 +166,8 @@ def print_ptqkit(r: dict[str, Any]) -> None:
         print(f"{b['index']:>5} {b['seconds']:8.2f} {b['forward_s']:8.2f} {b['hessian_s']:8.2f} {b['gptq_s']:8.2f}")
     tot = {k: sum(b[k] for b in r["blocks"]) for k in ("seconds", "forward_s", "hessian_s", "gptq_s")}
     print(f"{'sum':>5} {tot['seconds']:8.2f} {tot['forward_s']:8.2f} {tot['hessian_s']:8.2f} {tot['gptq_s']:8.2f}")
-    print(f"capture of block-0 inputs: {r['capture_s']:.2f}s; whole quantize call: {r['total_s']:.2f}s")
+    print(f"capture of block-0 inputs: {r['capture_s']:.2f}s; whole quantize call: {r['total_s']:.2f}s; "
+          f"allocator: {r.get('allocator')}")
     share = {k: 100 * tot[k] / max(tot["seconds"], 1e-9) for k in ("forward_s", "hessian_s", "gptq_s")}
     print(f"split: forward {share['forward_s']:.0f}%, Hessian accumulation {share['hessian_s']:.0f}%, "
           f"GPTQ math {share['gptq_s']:.0f}%; damp used: {r['damps']}")
@@ -193,23 +195,32 @@ def main() -> None:
     p.add_argument("--llmc-actorder", default="static", help="llm-compressor actorder (static, group, weight, null)")
     p.add_argument("--skip-ptqkit", action="store_true")
     p.add_argument("--json", help="write all results to this file")
+    p.add_argument("--as-command", action="store_true",
+                   help="set the ptqkit child's process up as the ptqkit command does (jemalloc where installed, else "
+                        "one glibc arena; huge pages): the default run")
     p.add_argument("--child", choices=["ptqkit", "llmcompressor"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.llmc_actorder in ("null", "none", "None"):
         args.llmc_actorder = None
 
     if args.child:
+        if args.child == "ptqkit" and args.as_command:
+            from ptqkit.calibration import host
+
+            host.reexec_with_jemalloc()
+            host.tune_process()
         fn = child_ptqkit if args.child == "ptqkit" else child_llmcompressor
         print(MARK + json.dumps(fn(args)), flush=True)
         return
 
     argv = [a for a in sys.argv[1:] if a not in ("--compare-llmcompressor", "--skip-ptqkit")]
+    llmc_argv = [a for a in argv if a != "--as-command"]
     results = []
     if not args.skip_ptqkit:
         results.append(run_child(sys.executable, "ptqkit", argv))
         print_ptqkit(results[-1])
     if args.compare_llmcompressor:
-        results.append(run_child(args.llmc_python, "llmcompressor", argv))
+        results.append(run_child(args.llmc_python, "llmcompressor", llmc_argv))
     what = f"SmoothQuant (alpha {args.smoothquant}) + GPTQ W8A8" if args.smoothquant is not None else \
         f"GPTQ W{args.bits} g{args.group_size}"
     print(f"\n{what}, {args.samples} x {args.seqlen} builtin calibration tokens, "

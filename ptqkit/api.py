@@ -94,7 +94,8 @@ def _info(model: nn.Module, name: str, steps: list, calib: Any, info: dict[str, 
         "distributed": info.get("distributed"),  # world_size, rank, samples_per_rank (torchrun)
         "pipeline": info.get("pipeline"),  # what ran ("auto" resolved), activations on the host or not
         "offload_activations": info.get("offload_activations", False),
-        "host": {"disk_offload": info.get("disk_offload", False), "malloc": info.get("malloc")},
+        "host": {"disk_offload": info.get("disk_offload", False), "malloc": info.get("malloc"),
+                 "allocator": info.get("allocator")},
         "layers": layers,
         "coverage": checks.coverage(model),
     }

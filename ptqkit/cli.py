@@ -373,9 +373,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The ``ptqkit`` command: tunes its own process (one malloc arena, huge pages: ``calibration/host.py``), then runs."""
+    """The ``ptqkit`` command: tunes its own process (jemalloc where installed, else one glibc arena; huge pages:
+    ``calibration/host.py``), then runs."""
     from .calibration import host
 
+    host.reexec_with_jemalloc()
     try:
         host.tune_process()
     except ValueError:  # a bad PTQKIT_MALLOC_TUNE: main() reports it, after --help had its chance

@@ -25,7 +25,6 @@ memory and names the knobs that would make a run fit.
 """
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import os
@@ -309,10 +308,9 @@ class PeakMemory:
 
     def __enter__(self) -> "PeakMemory":
         gc.collect()
-        try:
-            ctypes.CDLL(None).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
+        from .calibration import host
+
+        host.release_free()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.reset_peak_memory_stats()
         self.start = self.peak = _rss()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -247,3 +249,29 @@ def test_huge_pages_for_the_command(monkeypatch, tmp_path, kernel, given, want) 
         monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", given)
     host.tune_process()
     assert os.environ.get("THP_MEM_ALLOC_ENABLE") == want
+
+
+def test_jemalloc_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command runs again under jemalloc when it is installed, once, keeping the user's LD_PRELOAD and
+    MALLOC_CONF; never where PTQKIT_MALLOC_TUNE turns the tuning off."""
+    monkeypatch.setattr(host.sys, "platform", "linux")
+    monkeypatch.setattr(host.ctypes.util, "find_library", lambda name: "libjemalloc.so.2" if name == "jemalloc" else None)
+    env = host.jemalloc_env({"LD_PRELOAD": "libfoo.so", "PATH": "/bin"})
+    assert env == {"LD_PRELOAD": "libjemalloc.so.2 libfoo.so", "PATH": "/bin", "PTQKIT_JEMALLOC": "libjemalloc.so.2",
+                   "MALLOC_CONF": host.JEMALLOC_CONF}
+    assert host.jemalloc_env({"MALLOC_CONF": "narenas:4"})["MALLOC_CONF"] == "narenas:4"
+    assert host.jemalloc_env(env) is None                                   # already tried: no loop
+    assert host.jemalloc_env({"PTQKIT_MALLOC_TUNE": "0"}) is None
+    monkeypatch.setattr(host.ctypes.util, "find_library", lambda name: None)
+    assert host.jemalloc_env({}) is None                                    # not installed: glibc, tuned
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or host.ctypes.util.find_library("jemalloc") is None,
+                    reason="jemalloc is not installed (Debian: apt install libjemalloc2)")
+def test_command_runs_under_jemalloc() -> None:
+    code = "from ptqkit.calibration import host; host.reexec_with_jemalloc(); host.release_free(); print(host.allocator())"
+    env = {k: v for k, v in os.environ.items() if k not in ("PTQKIT_JEMALLOC", "LD_PRELOAD", "PTQKIT_MALLOC_TUNE")}
+    run = [sys.executable, "-c", code]
+    assert subprocess.run(run, env=env, capture_output=True, text=True, check=True).stdout.split() == ["jemalloc"]
+    env["PTQKIT_MALLOC_TUNE"] = "0"
+    assert subprocess.run(run, env=env, capture_output=True, text=True, check=True).stdout.split() == ["glibc"]

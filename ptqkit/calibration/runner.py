@@ -180,7 +180,7 @@ def _trimmer(shape: estimate.ModelShape | None, kw: dict[str, Any], pipeline: st
     est = estimate.estimate(shape, **kw, pipeline=pipeline) if shape is not None else None
     live = est.host_peak - est.host_model - est.allocator if est is not None else None
     fn = host.trim_barriers(live, estimate.free_memory("cpu")[0])
-    info["malloc"] = fn.__name__ if fn else None
+    info["malloc"], info["allocator"] = (fn.__name__ if fn else None), host.allocator()
     return fn
 
 
