@@ -207,8 +207,7 @@ def main() -> None:
         if args.child == "ptqkit" and args.as_command:
             from ptqkit.calibration import host
 
-            host.reexec_with_jemalloc()
-            host.tune_process()
+            host.tune_command()
         fn = child_ptqkit if args.child == "ptqkit" else child_llmcompressor
         print(MARK + json.dumps(fn(args)), flush=True)
         return

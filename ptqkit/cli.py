@@ -377,9 +377,8 @@ def entry() -> None:
     ``calibration/host.py``), then runs."""
     from .calibration import host
 
-    host.reexec_with_jemalloc()
     try:
-        host.tune_process()
+        host.tune_command()
     except ValueError:  # a bad PTQKIT_MALLOC_TUNE: main() reports it, after --help had its chance
         pass
     sys.exit(main())

@@ -200,6 +200,12 @@ def test_malloc_modes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert 0 < host.slack() <= host.FREE_OVER                        # what the estimate adds on a CPU run
     monkeypatch.setenv("PTQKIT_MALLOC_TUNE", "trim")
     assert host.trim_barriers(None, 2**40) is not None and host.slack() == 0
+    monkeypatch.setenv("PTQKIT_MALLOC_TUNE", "auto")  # under jemalloc: its freed memory is kept unless tight
+    purged = []
+    monkeypatch.setattr(host, "_jemalloc_ctl", lambda: lambda *args: purged.append(args[0]))
+    assert host.trim_barriers(2**30, 3 * 2**30) is None
+    host.trim_barriers(2**30, 2 * 2**30)()
+    assert purged == [b"arena.4096.purge"] and host.allocator() == "jemalloc"
 
 
 def test_runner_trims_only_when_memory_is_tight(tiny_llama, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -262,6 +268,8 @@ def test_jemalloc_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert host.jemalloc_env({"MALLOC_CONF": "narenas:4"})["MALLOC_CONF"] == "narenas:4"
     assert host.jemalloc_env(env) is None                                   # already tried: no loop
     assert host.jemalloc_env({"PTQKIT_MALLOC_TUNE": "0"}) is None
+    with pytest.raises(ValueError, match="PTQKIT_MALLOC_TUNE='lots'"):
+        host.jemalloc_env({"PTQKIT_MALLOC_TUNE": "lots"})               # as tune_process: main() reports it
     monkeypatch.setattr(host.ctypes.util, "find_library", lambda name: None)
     assert host.jemalloc_env({}) is None                                    # not installed: glibc, tuned
 
@@ -269,7 +277,7 @@ def test_jemalloc_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.skipif(not sys.platform.startswith("linux") or host.ctypes.util.find_library("jemalloc") is None,
                     reason="jemalloc is not installed (Debian: apt install libjemalloc2)")
 def test_command_runs_under_jemalloc() -> None:
-    code = "from ptqkit.calibration import host; host.reexec_with_jemalloc(); host.release_free(); print(host.allocator())"
+    code = "from ptqkit.calibration import host; host.tune_command(); host.release_free(); print(host.allocator())"
     env = {k: v for k, v in os.environ.items() if k not in ("PTQKIT_JEMALLOC", "LD_PRELOAD", "PTQKIT_MALLOC_TUNE")}
     run = [sys.executable, "-c", code]
     assert subprocess.run(run, env=env, capture_output=True, text=True, check=True).stdout.split() == ["jemalloc"]

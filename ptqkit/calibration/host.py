@@ -7,7 +7,7 @@ activations at each pause while the others allocate, so the heaps fill with hole
 next block's tensors: with one arena the resident set of GPTQ on SmolLM2 (128 x 512) reached 2.5x
 the live set. Remedies, none a setting of the user's process:
 
-- ``ptqkit`` the command runs itself again under jemalloc where it is installed (:func:`reexec_with_jemalloc`,
+- ``ptqkit`` the command runs itself again under jemalloc where it is installed (:func:`tune_command`,
   ``JEMALLOC_CONF``): its size classes reuse freed memory without that fragmentation, so freed memory is
   kept and never faulted in again (SmolLM2: 1.8 GiB in 222 s, against glibc's 2.0 GiB in 275 s or 3.1 GiB
   in 202 s). Without jemalloc, glibc as follows.
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import itertools
 import logging
 import os
@@ -65,8 +66,8 @@ class _MallInfo2(ctypes.Structure):
                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def _mode() -> str:
-    mode = os.environ.get("PTQKIT_MALLOC_TUNE", "auto").strip().lower()
+def _mode(environ: Mapping[str, str] = os.environ) -> str:
+    mode = environ.get("PTQKIT_MALLOC_TUNE", "auto").strip().lower()
     if mode not in MODES:
         raise ValueError(f"PTQKIT_MALLOC_TUNE={mode!r} is not valid: use one of {', '.join(MODES)}")
     return mode
@@ -100,7 +101,7 @@ def jemalloc_env(environ: Mapping[str, str]) -> dict[str, str] | None:
     """The environment to run the ``ptqkit`` command again in, under jemalloc (``LD_PRELOAD``), or None: not on
     Linux, jemalloc not installed (Debian: ``apt install libjemalloc2``), already loaded or tried, or
     ``PTQKIT_MALLOC_TUNE`` not ``auto``. The user's ``MALLOC_CONF`` stays."""
-    if not sys.platform.startswith("linux") or environ.get("PTQKIT_MALLOC_TUNE", "auto").strip().lower() != "auto":
+    if not sys.platform.startswith("linux") or _mode(environ) != "auto":
         return None
     lib = ctypes.util.find_library("jemalloc")
     if lib is None or "PTQKIT_JEMALLOC" in environ or "jemalloc" in environ.get("LD_PRELOAD", ""):
@@ -110,17 +111,20 @@ def jemalloc_env(environ: Mapping[str, str]) -> dict[str, str] | None:
     return env
 
 
-def reexec_with_jemalloc() -> None:
-    """The ``ptqkit`` command's own first step: run again under jemalloc where :func:`jemalloc_env` says so
-    (PyTorch's CPU tuning guide recommends it; measured in docs/scaling.md). Returns when it cannot."""
+def tune_command() -> None:
+    """The ``ptqkit`` command's own process, before anything loads: run again under jemalloc where
+    :func:`jemalloc_env` says so (PyTorch's CPU tuning guide recommends it; measured in docs/scaling.md),
+    else, or when the exec fails, glibc as :func:`tune_process` sets it up."""
     env = jemalloc_env(os.environ)
     if env is not None:
         try:
             os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
         except OSError as e:  # e.g. a sandbox without exec: go on with glibc
             log.debug("could not run again under jemalloc: %s", e)
+    tune_process()
 
 
+@functools.lru_cache(maxsize=None)  # which malloc the process has is fixed when it starts
 def _jemalloc_ctl() -> Any:
     """jemalloc's ``mallctl`` when jemalloc is this process's malloc, else None."""
     ctl = getattr(ctypes.CDLL(None), "mallctl", None) if sys.platform.startswith("linux") else None
@@ -174,12 +178,12 @@ def trim_barriers(run_bytes: int | None, free_bytes: int) -> Callable[[], None] 
         def trim() -> None:
             release_free()
         return trim
-    if run_bytes is None or not hasattr(libc, "mallinfo2"):
-        return None
+    if run_bytes is None or not hasattr(libc, "mallinfo2") or _jemalloc_ctl() is not None:
+        return None  # jemalloc (JEMALLOC_CONF) keeps freed memory without fragmenting: given back only when tight
     limit = int(FREE_OVER * run_bytes)
 
     def trim_free() -> None:
-        if libc.mallinfo2().fordblks > limit:  # glibc's own heaps (under jemalloc: nearly empty, never trims)
+        if libc.mallinfo2().fordblks > limit:
             libc.malloc_trim(0)
     return trim_free
 

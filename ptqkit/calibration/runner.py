@@ -175,12 +175,13 @@ def _trimmer(shape: estimate.ModelShape | None, kw: dict[str, Any], pipeline: st
     """On the host: what returns freed memory to the kernel at barriers (``host.trim_barriers``, for the run's
     estimated live set: its memory beyond the model's weights), recorded in ``info["malloc"]`` ("trim": every
     barrier, "trim_free": past ``host.FREE_OVER``)."""
+    info["allocator"] = host.allocator()  # the host's, GPU runs included
     if device.type != "cpu":
         return None
     est = estimate.estimate(shape, **kw, pipeline=pipeline) if shape is not None else None
     live = est.host_peak - est.host_model - est.allocator if est is not None else None
     fn = host.trim_barriers(live, estimate.free_memory("cpu")[0])
-    info["malloc"], info["allocator"] = (fn.__name__ if fn else None), host.allocator()
+    info["malloc"] = fn.__name__ if fn else None
     return fn
 
 
