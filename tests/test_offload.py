@@ -172,6 +172,27 @@ class _Libc:
         return host._MallInfo2(fordblks=self.free)
 
 
+def test_frozen_gc_leaves_the_collector_as_it_found_it(tiny_llama):
+    import gc
+
+    from ptqkit.calibration import host
+
+    assert gc.get_freeze_count() == 0
+    with host.frozen_gc():
+        assert gc.get_freeze_count() > 0  # the objects alive at the start: not walked while the run lasts
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # the caller's own frozen objects: untouched, not unfrozen after
+    try:
+        n = gc.get_freeze_count()
+        with host.frozen_gc():
+            assert gc.get_freeze_count() == n
+        assert gc.get_freeze_count() == n
+    finally:
+        gc.unfreeze()
+    ptqkit.quantize(tiny_llama, "gptq", calibration=torch.randint(0, 64, (2, 16)), bits=4, group_size=32)
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
+
+
 def test_malloc_modes(monkeypatch: pytest.MonkeyPatch) -> None:
     libc = _Libc()
     monkeypatch.setattr(host, "_libc", lambda: libc)
@@ -206,6 +227,9 @@ def test_malloc_modes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert host.trim_barriers(2**30, 3 * 2**30) is None
     host.trim_barriers(2**30, 2 * 2**30)()
     assert purged == [b"arena.4096.purge"] and host.allocator() == "jemalloc"
+    assert host.slack() == host.JEMALLOC_SLACK > host.SLACK  # it keeps more than trimmed glibc (docs/scaling.md)
+    monkeypatch.setenv("PTQKIT_MALLOC_TUNE", "trim")
+    assert host.slack() == 0
 
 
 def test_runner_trims_only_when_memory_is_tight(tiny_llama, monkeypatch: pytest.MonkeyPatch) -> None:

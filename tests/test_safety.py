@@ -203,6 +203,20 @@ def test_nan_activations_are_an_error_not_a_saved_model(tiny_llama):
         ptqkit.quantize(tiny_llama, "awq", calibration=ids, batch_size=2, bits=4, group_size=32)
 
 
+@pytest.mark.parametrize("bad, expect", [(None, True), (float("nan"), False), (float("inf"), False),
+                                         (-float("inf"), False), (3e38, True)])
+def test_all_finite_is_exact(bad, expect):
+    from ptqkit.checks import all_finite
+
+    t = torch.ones(4, 1000)
+    if bad is not None:
+        t[2, 7] = bad
+        t[1, 3] = 3e38 if bad == 3e38 else 1.0  # finite values whose sum overflows: still all finite
+    assert all_finite(t) is expect and all_finite(t.double()) is expect
+    assert all_finite(t.half()) is (expect and bad != 3e38)  # 3e38 itself is inf in fp16
+    assert all_finite(torch.arange(5))
+
+
 def test_eval_refuses_a_baseline_that_is_the_checkpoint_itself(tiny_dir, tmp_path, caplog):
     out = tmp_path / "ck"
     assert run_cli(["quantize", "--model", tiny_dir, "--output", str(out), *FAST], caplog)[0] == 0

@@ -29,6 +29,7 @@ from torch import nn
 from .. import distributed
 from ..layers import QuantLinear, QuantLinearW8A8
 from ..architectures import detect_mappings, resolve_all
+from ..checks import all_finite
 from ..quant import STRICT, QuantArgs
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,6 @@ class Quantizer(Algorithm):
 
 def check_weight(name: str, w: torch.Tensor) -> None:
     """Clear error for NaN/Inf weights (naming the layer) before any quantization."""
-    if not torch.isfinite(w).all():
+    if not all_finite(w):
         bad = (~torch.isfinite(w)).sum().item()
         raise ValueError(f"{name}: weight has {bad} NaN/Inf values; fix or reload the model before quantizing")

@@ -21,6 +21,7 @@ from pydantic.dataclasses import dataclass
 from torch import nn
 
 from .. import distributed
+from ..checks import all_finite
 from ..quant import STRICT, quantize_weight
 from ..registry import register
 from .base import ActMax, Memory, Quantizer, QuantizerConfig, check_weight
@@ -147,7 +148,7 @@ class GPTQ(Quantizer):
             codes, scales, zeros = quantize_weight(w, cfg)
             self.stats.setdefault(name, {}).update(method="rtn", few_tokens=st.count, seconds=time.perf_counter() - t0)
             return self.build(name, module, codes, scales, zeros, stats=st)
-        if not torch.isfinite(st.hessian).all():
+        if not all_finite(st.hessian):
             raise ValueError(
                 f"{name}: the input Hessian has NaN/Inf values: the calibration activations reaching this "
                 "layer overflowed or are NaN (run the model in float32, or check the layers before it)"

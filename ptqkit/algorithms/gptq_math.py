@@ -19,6 +19,7 @@ from typing import Iterator
 
 import torch
 
+from ..checks import all_finite
 from ..quant import QuantArgs, find_qparams, group_view, num_groups, qparams_from_range
 
 
@@ -110,7 +111,7 @@ def inverse_cholesky(hessian: torch.Tensor) -> torch.Tensor | None:
         return None
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     upper = torch.linalg.solve_triangular(m, eye, upper=False).flip(0, 1)
-    if not torch.isfinite(upper).all():
+    if not all_finite(upper):
         return None
     return upper.to(hessian.dtype)
 
@@ -310,7 +311,7 @@ class PreparedHessian:
 def prepare(hessian: torch.Tensor, damp: float = 0.01, max_damp: float = 1.0, act_order: bool = False) -> PreparedHessian:
     """Act-order permutation, dead columns, dampening and the inverse-Cholesky factor of ``H``."""
     perm = act_order_perm(hessian) if act_order else None
-    h = hessian if perm is None else hessian[perm][:, perm]        # [K, K] processing order
+    h = hessian if perm is None else hessian[perm[:, None], perm]  # [K, K] processing order, one gather
     upper, dead_p, damp_used = damped_inverse_cholesky(h, damp, max_damp)
     dead = dead_p if perm is None else dead_p[invert_perm(perm)]   # back to original order
     return PreparedHessian(upper, dead, perm, damp_used)

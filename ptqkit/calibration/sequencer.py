@@ -78,8 +78,9 @@ class Wrapped(nn.Module):
         self.final = q.quantize(self.name, self.inner, stats)
         q.stats.setdefault(self.name, {})["quantize_s"] = time.perf_counter() - t
         if isinstance(self.final, QuantLinear):  # same numbers, without unpacking per batch
-            self.inner = nn.Linear(self.final.in_features, self.final.out_features, bias=self.final.bias is not None,
-                                   device=self.final.scales.device, dtype=self.final.scales.dtype)
+            self.inner = nn.utils.skip_init(nn.Linear, self.final.in_features, self.final.out_features,  # no random init
+                                            bias=self.final.bias is not None, device=self.final.scales.device,
+                                            dtype=self.final.scales.dtype)
             self.inner.weight.data = self.final.dequantize()
             if self.final.bias is not None:  # its own copy: an in-pass fold divides both (Sequencer._divide_rows)
                 self.inner.bias.data = self.final.bias.detach().clone()

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checks import all_finite
+
 log = logging.getLogger(__name__)
 
 CHUNK = 256  # positions per log-softmax chunk: 256 x 49152 fp32 = 50 MB per tensor
@@ -70,7 +72,7 @@ def _score(logits_q: torch.Tensor, logits_fp: torch.Tensor | None, target: torch
            sums: dict[str, float]) -> None:
     """Add one window's NLL (and KL(fp ‖ q), top-1 agreement, the baseline's NLL) to ``sums``, in chunks."""
     for name, lg in (("the model", logits_q), ("the baseline", logits_fp)):
-        if lg is not None and not torch.isfinite(lg).all():
+        if lg is not None and not all_finite(lg):
             raise FloatingPointError(f"{name} produced NaN/Inf logits: its perplexity, KL and top-1 would be "
                                      "meaningless (a broken quantization, or fp16 overflow: evaluate in float32)")
     if logits_fp is not None and logits_fp.shape[-1] != logits_q.shape[-1]:
