@@ -502,3 +502,15 @@ def test_load_errors_are_clear(tmp_path):
         ptqkit.load(tmp_path / "plain")
 
 
+
+
+@pytest.mark.parametrize("text, expect", [("null", {}), ("[1, 2]", {}),
+                                          ('{"quantization": {"method": "gptq"}}', {"method": "gptq"}),
+                                          ('{"method": "awq", "ppl_q": 3.0}', {"method": "awq"})])
+def test_read_info_takes_what_the_report_holds(tmp_path, caplog, text, expect):
+    from ptqkit.formats.common import REPORT_FILE, read_info
+
+    (tmp_path / REPORT_FILE).write_text(text)
+    with caplog.at_level("WARNING"):
+        assert read_info(tmp_path) == expect
+    assert ("not a JSON object" in caplog.text) is (not text.startswith("{"))

@@ -160,6 +160,10 @@ def read_info(directory: Path) -> dict[str, Any]:
     if not f.is_file():
         return {}
     data = read_json(f)
+    if not isinstance(data, dict):  # e.g. ``null`` written over it: the weights are still the checkpoint's
+        log.warning("%s is not a JSON object (%s): the checkpoint's quantization report is ignored", f,
+                    type(data).__name__)
+        return {}
     if "quantization" in data:
         return dict(data["quantization"] or {})
     # a bare evaluation Report written over the file: keep what it says about the quantization
