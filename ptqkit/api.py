@@ -64,7 +64,7 @@ def quantize(
             calibration, tokenizer, num_samples=num_samples, seqlen=seqlen, seed=seed)
         checks.check_ids(calib.ids, model)
     cuda = [torch.device(device)] if device is not None and torch.device(device).type == "cuda" else []
-    # seeded for reproducible runs; the caller's RNG state comes back (and its collector's, host.frozen_gc)
+    # seeded for reproducible runs; the caller's RNG state and garbage collector come back as they were
     with torch.random.fork_rng(devices=cuda), host.frozen_gc():
         torch.manual_seed(seed)
         info = run(model, calib, steps, ignore=ignore, device=device, batch_size=batch_size, pipeline=pipeline,

@@ -122,8 +122,7 @@ def all_finite(t: torch.Tensor) -> bool:
     """``t`` has no NaN / Inf. One sum first (a NaN or Inf makes it non-finite), the element test only when the
     sum is not finite (finite values can overflow it): ``isfinite(t).all()`` alone takes 3.7 ms on an
     ``[8, 512, 576]`` fp32 batch on the 2-core CPU, the sum 0.08 ms."""
-    if not t.is_floating_point() or torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64
-                                                          else torch.float32)):
+    if not t.is_floating_point() or torch.isfinite(t.sum(dtype=torch.promote_types(t.dtype, torch.float32))):
         return True
     return bool(torch.isfinite(t).all())
 

@@ -502,8 +502,6 @@ def test_load_errors_are_clear(tmp_path):
         ptqkit.load(tmp_path / "plain")
 
 
-
-
 @pytest.mark.parametrize("text, expect", [("null", {}), ("[1, 2]", {}),
                                           ('{"quantization": {"method": "gptq"}}', {"method": "gptq"}),
                                           ('{"method": "awq", "ppl_q": 3.0}', {"method": "awq"})])

@@ -189,8 +189,17 @@ def test_frozen_gc_leaves_the_collector_as_it_found_it(tiny_llama):
         assert gc.get_freeze_count() == n
     finally:
         gc.unfreeze()
-    ptqkit.quantize(tiny_llama, "gptq", calibration=torch.randint(0, 64, (2, 16)), bits=4, group_size=32)
-    assert gc.get_freeze_count() == 0 and gc.isenabled()
+    seen = []
+    run = ptqkit.api.run
+
+    def watched(*args, **kwargs):  # the quantize call freezes what was alive before it, for its run only
+        seen.append(gc.get_freeze_count())
+        return run(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ptqkit.api, "run", watched)
+        ptqkit.quantize(tiny_llama, "gptq", calibration=torch.randint(0, 64, (2, 16)), bits=4, group_size=32)
+    assert seen and seen[0] > 0 and gc.get_freeze_count() == 0 and gc.isenabled()
 
 
 def test_malloc_modes(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -203,18 +203,22 @@ def test_nan_activations_are_an_error_not_a_saved_model(tiny_llama):
         ptqkit.quantize(tiny_llama, "awq", calibration=ids, batch_size=2, bits=4, group_size=32)
 
 
-@pytest.mark.parametrize("bad, expect", [(None, True), (float("nan"), False), (float("inf"), False),
-                                         (-float("inf"), False), (3e38, True)])
-def test_all_finite_is_exact(bad, expect):
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf"), "overflow", "inf-inf"])
+def test_all_finite_is_exact(bad):
+    """The one-sum check against the element test, also where the sum overflows (finite values: its fallback)
+    or cancels (+Inf and -Inf: a NaN sum)."""
     from ptqkit.checks import all_finite
 
     t = torch.ones(4, 1000)
-    if bad is not None:
+    if bad == "overflow":
+        t[1, 3] = t[2, 7] = 3e38
+    elif bad == "inf-inf":
+        t[1, 3], t[2, 7] = float("inf"), -float("inf")
+    elif bad is not None:
         t[2, 7] = bad
-        t[1, 3] = 3e38 if bad == 3e38 else 1.0  # finite values whose sum overflows: still all finite
-    assert all_finite(t) is expect and all_finite(t.double()) is expect
-    assert all_finite(t.half()) is (expect and bad != 3e38)  # 3e38 itself is inf in fp16
-    assert all_finite(torch.arange(5))
+    for x in (t, t.double(), t.half(), t.bfloat16(), torch.arange(5)):
+        assert all_finite(x) is bool(torch.isfinite(x).all()), (bad, x.dtype)
+    assert all_finite(t) is (bad in (None, "overflow"))  # the reference itself: what each case is
 
 
 def test_eval_refuses_a_baseline_that_is_the_checkpoint_itself(tiny_dir, tmp_path, caplog):

@@ -181,12 +181,10 @@ def slack() -> float:
     the runner's policy (:func:`trim_barriers`): none when every barrier trims; under jemalloc
     ``JEMALLOC_SLACK``; glibc ``SLACK`` (auto: between none and ``FREE_OVER``), ``ARENA_FACTOR - 1`` when left
     alone."""
-    mode = _mode()
-    if mode == "trim" or _libc() is None:
+    mode, alloc = _mode(), allocator()
+    if mode == "trim" or alloc == "system":
         return 0.0
-    if _jemalloc_ctl() is not None:
-        return JEMALLOC_SLACK
-    return SLACK if mode == "auto" else ARENA_FACTOR - 1
+    return JEMALLOC_SLACK if alloc == "jemalloc" else SLACK if mode == "auto" else ARENA_FACTOR - 1
 
 
 def trim_barriers(run_bytes: int | None, free_bytes: int) -> Callable[[], None] | None:
@@ -204,7 +202,7 @@ def trim_barriers(run_bytes: int | None, free_bytes: int) -> Callable[[], None] 
         def trim() -> None:
             release_free()
         return trim
-    if run_bytes is None or not hasattr(libc, "mallinfo2") or _jemalloc_ctl() is not None:
+    if run_bytes is None or not hasattr(libc, "mallinfo2") or allocator() == "jemalloc":
         return None  # jemalloc (JEMALLOC_CONF) keeps freed memory without fragmenting: given back only when tight
     limit = int(FREE_OVER * run_bytes)
 
