@@ -272,18 +272,11 @@ def detect_mappings(block: nn.Module, run: Callable[[], None]) -> tuple[Mapping,
 
 
 # ------------------------------------------------------------------ names in checkpoints
-def hub_name(name: str, arch: Architecture) -> str:
+def hub_name(name: str, arch: Architecture, reverse: bool = False) -> str:
     """A module path or tensor name as the family's hub checkpoints write it (Mixtral: ``.mlp.`` ->
-    ``.block_sparse_moe.``)."""
+    ``.block_sparse_moe.``); ``reverse=True``: the inverse (a hub name as ptqkit's module path)."""
     for ours, hub in arch.renames:
-        name = name.replace(ours, hub)
-    return name
-
-
-def module_name(name: str, arch: Architecture) -> str:
-    """Inverse of :func:`hub_name`."""
-    for ours, hub in arch.renames:
-        name = name.replace(hub, ours)
+        name = name.replace(hub, ours) if reverse else name.replace(ours, hub)
     return name
 
 

@@ -146,18 +146,6 @@ def _memory_check(args: argparse.Namespace, steps: Any, host_budget: int | None,
     return host_budget
 
 
-def _evaluate(args: argparse.Namespace, model: Any, tok: Any, baseline: Any, ids: Any, times: dict[str, float]) -> Any:
-    from .evaluation import evaluate
-
-    t = time.perf_counter()
-    rep = evaluate(model, tok, baseline=baseline, dataset=ids, seqlen=args.eval_seqlen,
-                   max_windows=args.max_eval_windows, device=args.device)
-    rep.protocol["dataset"] = str(args.eval_dataset)
-    times["evaluate"] = time.perf_counter() - t
-    rep.timings.update({f"{k}_s": v for k, v in times.items()})
-    return rep
-
-
 def _dtype(name: str) -> Any:
     import torch
 
@@ -259,7 +247,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if evaluate_fp and args.offload_folder:
         baseline, _ = load_model(args.model, offload_folder=Path(args.offload_folder) / "baseline",
                                  max_host_memory=budget)
-    rep = _evaluate(args, model, tok, baseline, eval_ids, times) if baseline is not None else None
+    rep = None
+    if baseline is not None:
+        from .evaluation import evaluate
+
+        t = time.perf_counter()
+        rep = evaluate(model, tok, baseline=baseline, dataset=eval_ids, seqlen=args.eval_seqlen,
+                       max_windows=args.max_eval_windows, device=args.device)
+        rep.protocol["dataset"] = str(args.eval_dataset)
+        times["evaluate"] = time.perf_counter() - t
+        rep.timings.update({f"{k}_s": v for k, v in times.items()})
     del baseline
     if main_rank:
         print(_table(rep, times, size_fp, api.model_size_mb(model, disk_dtype),

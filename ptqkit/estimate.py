@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import re
 import threading
 from dataclasses import dataclass
@@ -209,7 +208,7 @@ def estimate(
             raise ValueError(f"{name}={v!r} must be a positive integer")
     if pipeline not in ("sequential", "two-pass", "fp-outputs"):
         raise ValueError(f"pipeline={pipeline!r}: choose sequential or two-pass (plan.choose resolves auto)")
-    pipeline = "two-pass" if pipeline == "two-pass" else "sequential"  # fp-outputs holds what sequential does
+    seq = pipeline != "two-pass"  # fp-outputs holds what sequential does
     steps = _steps(method)
     e = torch.empty((), dtype=dtype).element_size()
     s, h, i = shape, shape.hidden, shape.intermediate
@@ -221,37 +220,31 @@ def estimate(
     block = s.block_params() * e + s.linear_params() * e + s.linear_params() // 2  # fp, dequantized, packed
     live = max(3 * h + 2 * s.kv_dim, 2 * h + i)           # values per token alive at the worst pause
     transient = per_batch * (h + i) * e                   # the batch that computes meanwhile
-    threads = (batches if pipeline == "sequential" else 1) * (CPU_THREAD[0] + CPU_THREAD[1] * (h + i))
+    threads = (batches if seq else 1) * (CPU_THREAD[0] + CPU_THREAD[1] * (h + i))
+    held = tokens if seq else per_batch                   # tokens whose live set is held at a pause
     if data_free:
         inout, inter = 0, 0
     elif same:  # the host: inputs, and the live set of every paused batch (sequential) or of one (two-pass)
         inout = 0
-        held = tokens if pipeline == "sequential" else per_batch
-        inout_host = tokens * h * e * (1 if pipeline == "sequential" else 2)
+        inout_host = tokens * h * e * (1 if seq else 2)
         inter = inout_host + held * live * e + transient + threads + CPU_FIXED
     else:
         inout = 2 * tokens * h * e                        # block inputs + outputs
-        inter = (tokens if pipeline == "sequential" else per_batch) * live * e + transient
-    mem = [st.memory(s, tokens, batches, pipeline) for st in steps]
+        inter = held * live * e + transient
+    mem = [st.memory(s, tokens, batches, "sequential" if seq else "two-pass") for st in steps]
     on_host = offload_activations and not same
+    full, outside = s.total_params() * e, (s.total_params() - s.layers * s.block_params()) * e  # outside the blocks
+    host_model = full if host_weights_budget is None else min(full, max(host_weights_budget, outside))
     est = MemoryEstimate(
         device=str(device), block_weights=block, activations=inter + (0 if on_host else inout),
         statistics=sum(m.statistics for m in mem), workspace=max(m.workspace for m in mem),
-        host_model=_host_weights(s, e, host_weights_budget), host_activations=inout if on_host else 0,
+        host_model=host_model, host_activations=inout if on_host else 0,
         same_memory=same, host_quantized=s.layers * s.linear_params() // 2)
     if same and not data_free:  # what glibc keeps of the freed memory, as the runner lets it (host.slack)
         from .calibration import host
 
         est.allocator = int(host.slack() * est.device_peak)
     return est
-
-
-def _host_weights(s: ModelShape, e: int, budget: int | None) -> int:
-    full = s.total_params() * e
-    if budget is None:
-        return full
-    outside = (s.total_params() - s.layers * s.block_params()) * e
-    return min(full, max(budget, outside))
 
 
 def parse_size(size: int | str, what: str = "size") -> int:
@@ -268,13 +261,11 @@ def parse_size(size: int | str, what: str = "size") -> int:
 
 
 def free_memory(device: str) -> tuple[int, int | None]:
-    """``(free host bytes, free device bytes or None for a CPU run)``: ``MemAvailable`` (Linux), else the free
-    physical pages."""
-    try:
-        with open("/proc/meminfo") as f:
-            avail = int(re.search(r"MemAvailable:\s+(\d+) kB", f.read()).group(1)) * 1024
-    except (OSError, AttributeError):
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    """``(free host bytes, free device bytes or None for a CPU run)``: psutil's available memory (``MemAvailable``
+    on Linux)."""
+    import psutil
+
+    avail = psutil.virtual_memory().available
     dev = torch.device(device)
     return avail, (torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None)
 

@@ -41,21 +41,13 @@ class Expert(nn.Module):
         return down(self.act_fn(gate(x)) * up(x))
 
 
-class Experts(nn.Module):
+class Experts(nn.ModuleList):
     """A ``ModuleList``-like group of :class:`Expert` (``experts.{e}``) with the fused module's forward."""
 
     def __init__(self, experts: list[Expert]) -> None:
-        super().__init__()
-        for e, ex in enumerate(experts):
-            self.add_module(str(e), ex)
+        super().__init__(experts)
         self.num_experts = len(experts)
         self.calibrate_all = False
-
-    def __len__(self) -> int:
-        return self.num_experts
-
-    def __getitem__(self, e: int) -> Expert:
-        return self._modules[str(e)]
 
     @classmethod
     def unfuse(cls, fused_module: nn.Module, names: tuple[str, str, str]) -> "Experts":

@@ -81,12 +81,8 @@ class QuantLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The effective float weight ``[N, K]`` in the original input-column order."""
         w = reference.dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_len, self.in_features)
-        w = w.t()                                                   # [N, K] stored order
-        if self.perm is not None:
-            out = torch.empty_like(w)
-            out[:, self.perm.long()] = w
-            return out
-        return w
+        # w: [K, N] stored order
+        return (w if self.perm is None else w[self.perm.argsort()]).t()
 
     def _reference_weight(self) -> torch.Tensor:
         """Dequantized ``[K, N]`` for the reference path, cached until a buffer changes

@@ -116,15 +116,6 @@ def table(opts: list[tuple[Mode, MemoryEstimate, bool]], host_free: int, dev_fre
     return "\n".join(lines)
 
 
-def resolve(shape: ModelShape | None, kw: dict[str, Any], device: str | torch.device) -> tuple[Mode, str]:
-    """``pipeline="auto"`` at run time (the model loaded): the mode it takes, and why."""
-    if shape is None:
-        return MODES[0], "no model config to estimate from"
-    host_free, dev_free = E.free_memory(str(device))
-    m, _, why = choose(shape, {**kw, "device": str(device)}, host_free, dev_free, resident=True)
-    return m, why
-
-
 def suggest(shape: ModelShape, kw: dict[str, Any], host_free: int, dev_free: int | None) -> list[str]:
     """Settings (CLI flags) that would fit, cheapest change first."""
     tries = [(m.settings, f"--pipeline {m.pipeline}" + (" --offload-activations" if m.offload_activations else ""))

@@ -106,13 +106,23 @@ def find_qparams(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.
     return scale, zero
 
 
+def grouped(w: torch.Tensor, group_len: int) -> torch.Tensor:
+    """``[..., N, K]`` -> ``[..., N, G, g]``, zero-padding a ragged last group (zeros are exact)."""
+    k = w.shape[-1]
+    pad = num_groups(k, group_len) * group_len - k
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    return w.reshape(*w.shape[:-1], w.shape[-1] // group_len, group_len)  # [..., N, G*g] -> [..., N, G, g]
+
+
+def ungrouped(wg: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`grouped`: ``[..., N, G, g]`` -> ``[..., N, K]`` (padding dropped)."""
+    return wg.flatten(-2)[..., :k]
+
+
 def group_view(w: torch.Tensor, group_len: int) -> torch.Tensor:
     """``[N, K]`` -> ``[N * G, g]``, zero-padding a ragged last group (zeros are exact, so harmless)."""
-    n, k = w.shape
-    g = num_groups(k, group_len)
-    if g * group_len != k:
-        w = torch.nn.functional.pad(w, (0, g * group_len - k))
-    return w.reshape(n * g, group_len)  # [N, G, g] -> [N*G, g]
+    return grouped(w, group_len).flatten(0, -2)  # [N, G, g] -> [N*G, g]
 
 
 def quantize_weight(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,14 +130,12 @@ def quantize_weight(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, tor
 
     Returns ``codes [N, K]`` (uint8), ``scales [N, G]`` (float32) and ``zeros [N, G]`` (uint8).
     """
-    n, k = w.shape
+    _, k = w.shape
     g = args.group_len(k)
-    groups = num_groups(k, g)
-    wg = group_view(w.float(), g)                                  # [N*G, g]
-    scale, zero = find_qparams(wg, args)                           # [N*G]
-    codes = quantize_codes(wg, scale[:, None], zero[:, None], args.maxq)
-    codes = codes.reshape(n, groups * g)[:, :k]                    # drop the padding
-    return codes.to(torch.uint8), scale.reshape(n, groups), zero.reshape(n, groups).to(torch.uint8)
+    wg = grouped(w.float(), g)                                     # [N, G, g]
+    scale, zero = (t.reshape(wg.shape[:2]) for t in find_qparams(wg.flatten(0, 1), args))  # [N*G] -> [N, G]
+    codes = ungrouped(quantize_codes(wg, scale[..., None], zero[..., None], args.maxq), k)  # drop the padding
+    return codes.to(torch.uint8), scale, zero.to(torch.uint8)
 
 
 def dequantize_weight(

@@ -35,8 +35,7 @@ from .. import distributed
 from ..quant import STRICT
 from ..registry import register
 from . import awq_math as am
-from ..architectures import fold_norm_
-from .base import Memory, Transform, block_output, slice_batch
+from .base import Memory, Transform, block_output, fold_scales, slice_batch
 
 log = logging.getLogger(__name__)
 
@@ -350,17 +349,8 @@ class AWQ(Transform):
 
     def _fold(self, block: nn.Module, fold: _Fold, s_prev: torch.Tensor, s: torch.Tensor, ctx: Any) -> None:
         """Divide prev's output by ``s_prev`` and multiply the linears' input columns by ``s``."""
-        prev = block.get_submodule(fold.prev)
-        with torch.no_grad():
-            if isinstance(prev, nn.Linear):
-                prev.weight.copy_((prev.weight.float() / s_prev[:, None]).to(prev.weight.dtype))
-                if prev.bias is not None:
-                    prev.bias.copy_((prev.bias.float() / s_prev).to(prev.bias.dtype))
-            else:  # (fp64 then one rounding: the same bits as fp32 division for offset 0)
-                fold_norm_(prev, s_prev, fold.norm_offset)
-            for n in fold.linears:
-                lin = block.get_submodule(n)
-                lin.weight.copy_((lin.weight.float() * s[None, :]).to(lin.weight.dtype))
+        fold_scales(block.get_submodule(fold.prev), [block.get_submodule(n) for n in fold.linears], s,
+                    fold.norm_offset, s_prev)  # (fp64 then one rounding: the same bits as fp32 division for offset 0)
         for st in {id(st): st for st in (ctx.stats.get(n) for n in fold.linears) if st is not None}.values():
             st.rescale(s)
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ..quant import fake_quant, num_groups, qparams_from_range
+from ..quant import fake_quant, grouped, num_groups, qparams_from_range, ungrouped
 
 #: elements (float32) a batch of candidates may occupy in one temporary: 2**24 = 64 MiB
 CHUNK_ELEMS = 2**24
@@ -23,20 +23,6 @@ Quant = Callable[[torch.Tensor], torch.Tensor]
 
 def _chunk(per_item: int) -> int:
     return max(1, CHUNK_ELEMS // max(1, per_item))
-
-
-def grouped(w: torch.Tensor, group_len: int) -> torch.Tensor:
-    """``[..., N, K]`` -> ``[..., N, G, g]``, zero-padding a ragged last group (zeros are exact)."""
-    k = w.shape[-1]
-    pad = num_groups(k, group_len) * group_len - k
-    if pad:
-        w = torch.nn.functional.pad(w, (0, pad))
-    return w.reshape(*w.shape[:-1], -1, group_len)  # [..., N, G*g] -> [..., N, G, g]
-
-
-def ungrouped(wg: torch.Tensor, k: int) -> torch.Tensor:
-    """Inverse of :func:`grouped`: ``[..., N, G, g]`` -> ``[..., N, K]`` (padding dropped)."""
-    return wg.reshape(*wg.shape[:-2], -1)[..., :k]
 
 
 def rtn_fake_quant(w: torch.Tensor, bits: int, group_len: int, sym: bool) -> torch.Tensor:
@@ -79,8 +65,6 @@ def candidate_scales(x_mean: torch.Tensor, n_grid: int, w_mean: torch.Tensor | N
     1e-4 and normalized by ``sqrt(max·min)`` as in the reference code; α = 0 without duo
     scaling is all ones (plain RTN), so the search is never worse than RTN on its own loss.
     """
-    if n_grid < 1:
-        raise ValueError(f"n_grid={n_grid}: the α grid needs at least 1 point")
     alpha = torch.arange(n_grid, dtype=torch.float64, device=x_mean.device)[:, None] / n_grid  # [n, 1]
     s = x_mean.double()[None].pow(alpha)                                                    # [n, K]
     if w_mean is not None:
@@ -98,18 +82,6 @@ def weight_mean(weights: list[torch.Tensor], group_len: int) -> torch.Tensor:
     return ungrouped(wg, w.shape[1]).mean(0)                    # [K]
 
 
-def scaled_error(w: torch.Tensor, s: torch.Tensor, quant: Quant) -> torch.Tensor:
-    """``Q(W·diag(s))·diag(1/s) − W`` for a batch of column scales ``s [n, K]``: ``[n, N, K]``."""
-    w = w.float()
-    return quant(w[None] * s[:, None, :]) / s[:, None, :] - w[None]
-
-
-def gram_loss(dw: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """``tr(ΔW Σ ΔWᵀ) / N`` per leading index of ``dw [n, N, K]``: the mean over tokens of the
-    squared output error, summed over outputs and divided by ``N``."""
-    return ((dw @ gram) * dw).sum((-1, -2)) / dw.shape[-2]
-
-
 def scale_losses(weights: list[torch.Tensor], cands: torch.Tensor, gram: torch.Tensor, quant: Quant) -> torch.Tensor:
     """Output-error loss ``[n]`` of every candidate scale ``cands [n, K]`` for linears sharing the
     input whose Gram matrix is ``gram [K, K]``; candidates are evaluated in memory-bounded batches."""
@@ -117,9 +89,14 @@ def scale_losses(weights: list[torch.Tensor], cands: torch.Tensor, gram: torch.T
     losses = torch.zeros(cands.shape[0], dtype=torch.float64, device=cands.device)
     step = _chunk(4 * max(w.numel() for w in weights))
     for i in range(0, cands.shape[0], step):
-        s = cands[i:i + step]
+        s = cands[i:i + step, None, :]
         for w in weights:
-            losses[i:i + step] += gram_loss(scaled_error(w, s, quant), gram).double() * w.shape[0]
+            # ``ΔW = Q(W·diag(s))·diag(1/s) − W`` for the batch of column scales ``s``: ``[n, N, K]``; its loss
+            # ``tr(ΔW Σ ΔWᵀ) / N`` per candidate: the mean over tokens of the squared output error, summed over
+            # outputs and divided by ``N``
+            w = w.float()
+            dw = quant(w[None] * s) / s - w[None]
+            losses[i:i + step] += (((dw @ gram) * dw).sum((-1, -2)) / dw.shape[-2]).double() * w.shape[0]
     return losses / n_out
 
 
@@ -135,20 +112,6 @@ def block_diag(gram: torch.Tensor, group_len: int) -> torch.Tensor:
     return gv[idx, :, idx, :]                              # [G, g, g]
 
 
-def clip_range(wg: torch.Tensor, p: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shrunk ranges ``lo, hi [P, N, G]`` of groups ``wg [N, G, g]`` by factors ``p [P]``.
-
-    Symmetric: ``±p·max|w|``; asymmetric: ``[p·min(w, 0), p·max(w, 0)]``. Clamping a group to
-    its range leaves RTN exactly that range (so the search scores what the quantizer will do).
-    """
-    lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)  # [N, G]
-    if sym:
-        hi = torch.maximum(-lo, hi)
-        lo = -hi
-    p = p.view(-1, 1, 1)
-    return p * lo[None], p * hi[None]
-
-
 def clip_search(
     w: torch.Tensor, gram: torch.Tensor, bits: int, group_len: int, sym: bool, max_shrink: float, n_grid: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,19 +121,24 @@ def clip_search(
     the output error, ``Δwᵀ Σ_g Δw`` with ``Σ_g`` the group's block of the input Gram matrix.
     Returns ``lo, hi [N, G]`` and the chosen ``p [N, G]``.
     """
-    if not 0.0 < max_shrink < 1.0:
-        raise ValueError(f"max_shrink={max_shrink} must lie in (0, 1)")
     steps = int(round(max_shrink * n_grid))
     p = 1 - torch.arange(steps + 1, dtype=torch.float32, device=w.device) / n_grid  # [P]
     wg = grouped(w.float(), group_len)                          # [N, G, g]
     sg = block_diag(gram.float(), group_len)                    # [G, g, g]
     best = torch.full(wg.shape[:2], float("inf"), device=w.device)
     best_p = torch.ones_like(best)
-    lo_best, hi_best = clip_range(wg, p[:1], sym)
-    lo_best, hi_best = lo_best[0], hi_best[0]
+    # the full ranges, shrunk by each ``p`` below. Symmetric: ``±p·max|w|``; asymmetric: ``[p·min(w, 0),
+    # p·max(w, 0)]``. Clamping a group to its range leaves RTN exactly that range (so the search scores
+    # what the quantizer will do)
+    lo_best, hi_best = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)  # [N, G]
+    if sym:
+        hi_best = torch.maximum(-lo_best, hi_best)
+        lo_best = -hi_best
+    lo1, hi1 = lo_best, hi_best
     step = _chunk(3 * wg.numel())
     for i in range(0, p.numel(), step):
-        lo, hi = clip_range(wg, p[i:i + step], sym)             # [P', N, G]
+        pc = p[i:i + step, None, None]
+        lo, hi = pc * lo1, pc * hi1                             # [P', N, G]
         scale, zero = qparams_from_range(lo, hi, bits, sym)
         cur = torch.maximum(torch.minimum(wg[None], hi[..., None]), lo[..., None])   # [P', N, G, g]
         dw = fake_quant(cur, scale[..., None], zero[..., None], 2**bits - 1) - wg[None]

@@ -27,12 +27,31 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import nn
 
 from .. import distributed
-from ..layers import QuantLinear, QuantLinearW8A8
-from ..architectures import detect_mappings, resolve_all
+from ..layers import QuantLinear, QuantLinearW8A8, divide_rows_
+from ..architectures import detect_mappings, fold_norm_, resolve_all
 from ..checks import all_finite
 from ..quant import STRICT, QuantArgs
 
 log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def fold_scales(prev: nn.Module | None, linears: Sequence[nn.Module], s: torch.Tensor,
+                norm_offset: float = 0.0, s_prev: torch.Tensor | None = None) -> None:
+    """Fold ``s [K]`` in place (SmoothQuant, Eq. 3): the producer's output is divided by ``s`` (``s_prev`` when given) -- a
+    norm's weight (``(offset + w) / s − offset``) and bias, or a linear's rows and bias -- and ``W[:, j] *= s_j``
+    in the consumers (routers included: they read the same input).
+
+    The products are formed in fp64 and rounded once to each parameter's dtype.
+    """
+    s64 = s.double()
+    s_prev = s if s_prev is None else s_prev
+    if prev is not None and not hasattr(prev, "out_features"):
+        fold_norm_(prev, s_prev, norm_offset)
+    elif prev is not None:
+        divide_rows_(prev, s_prev)
+    for lin in linears:
+        lin.weight.copy_((lin.weight.double() * s64.to(lin.weight.device)[None, :]).to(lin.weight.dtype))
 
 
 def slice_batch(obj: Any, take: int, batch: int) -> Any:

@@ -26,7 +26,6 @@ both on auto, ``alpha`` is searched first (``linear_alpha`` held at 0.5), then `
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from dataclasses import dataclass as std_dataclass
@@ -38,11 +37,10 @@ from pydantic.dataclasses import dataclass
 from torch import nn
 
 from .. import distributed
-from ..architectures import Mapping, architecture, find_blocks, find_linears, fold_norm_, prepare_block
-from ..layers import divide_rows_
+from ..architectures import Mapping, architecture, find_blocks, find_linears, prepare_block
 from ..quant import STRICT
 from ..registry import register
-from .base import ActMax, Barrier, BlockContext, Memory, Transform
+from .base import ActMax, Barrier, BlockContext, Memory, Transform, fold_scales
 
 log = logging.getLogger(__name__)
 
@@ -98,24 +96,6 @@ def smoothing_scales(act_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -
     s = a.clamp(min=EPS).pow(alpha) / w.clamp(min=EPS).pow(1.0 - alpha)
     s = torch.where((a > 0) & (w > 0), s, torch.ones_like(s))
     return s.clamp(min=EPS)
-
-
-@torch.no_grad()
-def fold_scales(prev: nn.Module | None, linears: Sequence[nn.Module], s: torch.Tensor,
-                norm_offset: float = 0.0) -> None:
-    """Fold ``s [K]`` in place (Eq. 3): the producer's output is divided by ``s`` -- a norm's
-    weight (``(offset + w) / s − offset``) and bias, or a linear's rows and bias -- and ``W[:, j] *= s_j`` in
-    the consumers (routers included: they read the same input).
-
-    The products are formed in fp64 and rounded once to each parameter's dtype.
-    """
-    s64 = s.double()
-    if prev is not None and not hasattr(prev, "out_features"):
-        fold_norm_(prev, s, norm_offset)
-    elif prev is not None:
-        divide_rows_(prev, s)
-    for lin in linears:
-        lin.weight.copy_((lin.weight.double() * s64.to(lin.weight.device)[None, :]).to(lin.weight.dtype))
 
 
 def outlier_stats(act_max: torch.Tensor) -> dict[str, float]:
@@ -193,14 +173,13 @@ class SmoothQuant(Transform):
     # ---------------------------------------------------------------- wiring
     def _groups(self, block: nn.Module, ctx: Any) -> list[_Group]:
         """The block's smoothable mappings, all resolved before any weight changes."""
-        module = functools.partial(_submodule, block, ctx=ctx)
-        groups = [self._group(module, ctx, m) for m in self._check_mappings(block, ctx)]
+        groups = [self._group(block.get_submodule, ctx, m) for m in self._check_mappings(block, ctx)]
         return [g for g in groups if g is not None]
 
     def _check_mappings(self, block: nn.Module, ctx: Any) -> tuple[Mapping, ...]:
         """The block's mappings (``ctx.mappings``); an error when no norm feeds linears."""
         maps = ctx.mappings(block)
-        if not any(not hasattr(_submodule(block, m.prev, ctx), "out_features") for m in maps):
+        if not any(not hasattr(block.get_submodule(m.prev), "out_features") for m in maps):
             raise ValueError(
                 f"SmoothQuant needs the norm -> linears mappings of the architecture, and "
                 f"{type(block).__name__} has none: add an Architecture with mappings for this model_type "
@@ -368,14 +347,6 @@ class SmoothQuant(Transform):
         err = sum(((o.float() - r.float()) ** 2).sum().item() for o, r in zip(out, ref))
         # data-parallel hook: error and element count summed over ranks before the argmin
         return distributed.all_reduce_float(err) / distributed.all_reduce_float(sum(r.numel() for r in ref))
-
-
-def _submodule(block: nn.Module, name: str, ctx: Any) -> nn.Module:
-    try:
-        return block.get_submodule(name)
-    except AttributeError as e:
-        raise ValueError(f"{ctx.prefix}: the architecture preset names {name!r}, which the block does not have "
-                         "; fix its Architecture entry in ptqkit.architectures.ARCHITECTURES") from e
 
 
 @torch.no_grad()

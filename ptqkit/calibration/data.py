@@ -177,20 +177,20 @@ def _file_texts(path: Path) -> list[str]:
             raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if suffix == ".jsonl":
         return _jsonl_texts(path)
-    if suffix == ".parquet":  # pyarrow (datasets' own reader) directly: datasets would write a cache copy
-        import pyarrow.parquet as pq
+    # .parquet, the only suffix left that check_source allows: pyarrow (datasets' own reader) directly,
+    # as datasets would write a cache copy
+    import pyarrow.parquet as pq
 
-        try:
-            table = pq.read_table(path)
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for a damaged file
-            raise ValueError(f"{path} is not a readable parquet file ({e})") from None
-        if "text" not in table.column_names:
-            raise ValueError(f"{path} has columns {table.column_names}; a \"text\" column is needed")
-        texts = table.column("text").to_pylist()
-        if not all(isinstance(t, str) for t in texts):
-            raise ValueError(f"{path}: the \"text\" column must hold strings")
-        return texts
-    raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {FILE_SUFFIXES}")
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for a damaged file
+        raise ValueError(f"{path} is not a readable parquet file ({e})") from None
+    if "text" not in table.column_names:
+        raise ValueError(f"{path} has columns {table.column_names}; a \"text\" column is needed")
+    texts = table.column("text").to_pylist()
+    if not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"{path}: the \"text\" column must hold strings")
+    return texts
 
 
 def check_source(source: Any, what: str = "source") -> None:
@@ -216,13 +216,9 @@ def _texts(source: str | os.PathLike | Sequence[str], split: Literal["calibratio
     if isinstance(source, str) and source in HUB_SOURCES:
         return _hub_texts(source, split), f"{source}:{'train' if split == 'calibration' else 'eval'}"
     if isinstance(source, (str, os.PathLike)):
+        check_source(source)  # an existing file of a supported type
         path = Path(source)
-        if path.is_file():
-            return _file_texts(path), f"file:{path}"
-        raise ValueError(
-            f"unknown text source {str(source)!r}: use 'builtin', {', '.join(repr(s) for s in HUB_SOURCES)}, "
-            f"a path to an existing {'/'.join(FILE_SUFFIXES)} file, a list of strings, or token ids"
-        )
+        return _file_texts(path), f"file:{path}"
     raise TypeError(f"unsupported source type {type(source).__name__}: use a name, a path, a list of strings or a tensor")
 
 

@@ -97,7 +97,10 @@ def tune_process() -> bool:
     libc = _libc()
     if _mode() == "0" or libc is None:
         return False
-    if "[madvise]" in _read(THP_MODE) and "THP_MEM_ALLOC_ENABLE" not in os.environ:
+    thp = ""  # no such file (no THP, not Linux) or unreadable: as if not madvise
+    with contextlib.suppress(OSError), open(THP_MODE) as f:
+        thp = f.read()
+    if "[madvise]" in thp and "THP_MEM_ALLOC_ENABLE" not in os.environ:
         os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # read by torch at its first large allocation (c10 alloc_cpu)
     return libc.mallopt(_M_ARENA_MAX, 1) == 1
 
@@ -166,14 +169,6 @@ def release_free() -> None:
         ctl(f"arena.{_ALL_ARENAS}.purge".encode(), None, None, None, 0)
     elif (libc := _libc()) is not None:
         libc.malloc_trim(0)
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
 
 
 def slack() -> float:

@@ -162,7 +162,12 @@ def _estimate_kw(model: nn.Module, steps: Sequence[Algorithm], calib: Calibratio
 def _auto(shape: estimate.ModelShape | None, kw: dict[str, Any], device: torch.device,
           offload_activations: bool) -> tuple[str, bool]:
     """``pipeline="auto"``: the fastest mode whose estimate fits in free memory (:mod:`ptqkit.plan`)."""
-    mode, why = plan.resolve(shape, kw, device)
+    # at run time (the model loaded): the mode auto takes, and why
+    if shape is None:
+        mode, why = plan.MODES[0], "no model config to estimate from"
+    else:
+        host_free, dev_free = estimate.free_memory(str(device))
+        mode, _, why = plan.choose(shape, {**kw, "device": str(device)}, host_free, dev_free, resident=True)
     if distributed.is_distributed():  # every rank must run the same mode: the leanest any rank needs
         lean = plan.MODES[max(distributed.all_gather_int(plan.MODES.index(mode)))]
         mode, why = (mode, why) if lean == mode else (lean, "another rank needs it")

@@ -24,11 +24,6 @@ def _dataset_name(dataset: Source) -> str:
     return os.fspath(dataset)
 
 
-def _model_name(model: nn.Module) -> str:
-    name = getattr(getattr(model, "config", None), "_name_or_path", None)
-    return name or type(model).__name__
-
-
 def evaluate(model: nn.Module, tokenizer: Any, baseline: nn.Module | str | os.PathLike | None = None,
              dataset: Source = "builtin", seqlen: int = 2048, max_windows: int | None = None,
              device: str | torch.device | None = None, method: str | None = None,
@@ -56,7 +51,8 @@ def evaluate(model: nn.Module, tokenizer: Any, baseline: nn.Module | str | os.Pa
     ppl_fp, ppl_q = res["ppl_fp"], res["ppl"]
     delta = None if ppl_fp is None else ppl_q - ppl_fp
     return Report(
-        model=_model_name(model), method=method if method is not None else info.get("method"),
+        model=getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__,
+        method=method if method is not None else info.get("method"),
         config=config if config is not None else dict(info.get("config") or {}),
         calibration_fingerprint=calibration_fingerprint or info.get("calibration_fingerprint"),
         protocol=res["protocol"], ppl_fp=ppl_fp, ppl_q=ppl_q, delta=delta,

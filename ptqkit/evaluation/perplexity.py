@@ -31,18 +31,14 @@ def _device_of(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Logits ``[1, L, V]`` of a HF-style causal LM (or a module returning logits)."""
-    kwargs = {"use_cache": False} if hasattr(model, "config") else {}
-    out = model(ids, **kwargs)
-    if isinstance(out, torch.Tensor):
-        return out
-    return out.logits if hasattr(out, "logits") else out[0]
-
-
 def _timed_logits(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Logits ``[1, L, V]`` of a HF-style causal LM (or a module returning logits), and the seconds it took."""
     start = time.perf_counter()
-    logits = _logits(model, ids.to(_device_of(model)))
+    ids = ids.to(_device_of(model))
+    kwargs = {"use_cache": False} if hasattr(model, "config") else {}
+    logits = model(ids, **kwargs)
+    if not isinstance(logits, torch.Tensor):
+        logits = logits.logits if hasattr(logits, "logits") else logits[0]
     if logits.is_cuda:
         torch.cuda.synchronize(logits.device)
     return logits, time.perf_counter() - start

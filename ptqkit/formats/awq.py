@@ -28,11 +28,12 @@ from ..packing import pack
 from .common import (DEFAULT_SHARD_SIZE, checkpoint_tensors, layer_bits_error, load_packed, quantization_config,
                      refuse_grouped_act_order, refuse_ragged_groups, refuse_w8a8, require_quant_layers,
                      write_checkpoint)
-from .gptq import original_order, skipped_block_linears
+from .gptq import original_order, pack_cols, skipped_block_linears, unpack_cols
 
 log = logging.getLogger(__name__)
 
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)   # nibble i holds column AWQ_ORDER[i] of each 8-column block
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)     # nibble i holds column AWQ_ORDER[i] of each 8-column block
+AWQ_REVERSE = (0, 4, 1, 5, 2, 6, 3, 7)   # column c is in nibble AWQ_REVERSE[c] (the inverse of AWQ_ORDER)
 BITS = 4
 PACK = 32 // BITS
 
@@ -40,20 +41,14 @@ PACK = 32 // BITS
 # ---------------------------------------------------------------- pure conversions
 def awq_pack(values: torch.Tensor) -> torch.Tensor:
     """4-bit codes ``[R, N]`` -> int32 ``[R, N/8]`` in AWQ's interleaved order."""
-    v = values.to(torch.int32).reshape(values.shape[0], -1, PACK)        # [R, N/8, 8] column order
-    out = v[:, :, AWQ_ORDER[0]].clone()
-    for i in range(1, PACK):
-        out |= v[:, :, AWQ_ORDER[i]] << (i * BITS)                       # nibble i <- column AWQ_ORDER[i]
-    return out
+    v = values.reshape(values.shape[0], -1, PACK)[:, :, AWQ_ORDER]       # nibble i <- column AWQ_ORDER[i]
+    return pack_cols(v.reshape(values.shape), BITS)
 
 
 def awq_unpack(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`awq_pack`: int32 ``[R, W]`` -> uint8 ``[R, 8W]``."""
     r, w = packed.shape
-    out = torch.empty(r, w, PACK, dtype=torch.uint8, device=packed.device)
-    for i in range(PACK):
-        out[:, :, AWQ_ORDER[i]] = ((packed >> (i * BITS)) & 0xF).to(torch.uint8)
-    return out.reshape(r, w * PACK)
+    return unpack_cols(packed, BITS, w * PACK).reshape(r, w, PACK)[:, :, AWQ_REVERSE].reshape(r, w * PACK)
 
 
 def to_awq(layer: QuantLinear) -> dict[str, torch.Tensor]:

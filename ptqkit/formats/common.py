@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..architectures import architecture, hub_name, module_name, prepare_model
+from ..architectures import architecture, hub_name, prepare_model
 from ..files import atomic_dir, plain_mode, read_json
 from ..layers import QuantLinear, QuantLinearW8A8
 
@@ -268,7 +268,7 @@ def start_load(path: Path, dtype: torch.dtype | None) -> tuple[dict[str, torch.T
     model = empty_model(path, dtype, state)
     prepare_model(model)  # the plain-linear form the checkpoint was written from (experts one by one, no Conv1D)
     arch = architecture(model)
-    state = {module_name(k, arch): v for k, v in state.items()}
+    state = {hub_name(k, arch, reverse=True): v for k, v in state.items()}
     return state, model, next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 

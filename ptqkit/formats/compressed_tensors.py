@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..architectures import architecture, hub_name, kept_modules, module_name
+from ..architectures import architecture, hub_name, kept_modules
 from ..layers import QuantLinear, QuantLinearW8A8
 from ..packing import pack
 from .common import (DEFAULT_SHARD_SIZE, checkpoint_tensors, finish_foreign, put_layer, quantization_config,
@@ -195,10 +195,10 @@ def load_compressed_tensors(path: str | os.PathLike, device: str | torch.device 
     state, model, dtype = start_load(path, dtype)
     keys = ("weight", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "input_scale", "bias")
     arch = architecture(model)
-    ignore = [module_name(n, arch) for n in qconfig.ignore or []]
+    ignore = [hub_name(n, arch, reverse=True) for n in qconfig.ignore or []]
     for scheme in qconfig.config_groups.values():
         fmt = scheme.format or qconfig.format
-        targets = [module_name(t, arch) for t in scheme.targets]
+        targets = [hub_name(t, arch, reverse=True) for t in scheme.targets]
         for name, lin in list(match_named_modules(model, targets, ignore)):
             if not isinstance(lin, nn.Linear):
                 raise ValueError(f"{path}: {name} ({type(lin).__name__}) is quantized; ptqkit handles nn.Linear only")

@@ -56,26 +56,19 @@ def is_sym(layer: QuantLinear) -> bool:
 def original_order(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes ``[N, K]`` and ``g_idx [K]`` in the original input-column order (act-order undone:
     stored row ``j`` is column ``perm[j]`` and belongs to group ``j // group_len``)."""
-    codes = unpack(layer.qweight, layer.bits, layer.in_features).t()   # [N, K] stored order
-    stored_group = torch.arange(layer.in_features, device=codes.device) // layer.group_len
-    if layer.perm is None:
-        return codes, stored_group.to(torch.int32)
-    perm = layer.perm.long()
-    out = torch.empty_like(codes)
-    out[:, perm] = codes
-    g_idx = torch.empty_like(stored_group)
-    g_idx[perm] = stored_group
-    return out, g_idx.to(torch.int32)
+    codes = unpack(layer.qweight, layer.bits, layer.in_features)       # [K, N] stored order
+    g_idx = torch.arange(layer.in_features, device=codes.device) // layer.group_len
+    if layer.perm is not None:
+        inv = layer.perm.long().argsort()                               # original column k is stored row inv[k]
+        codes, g_idx = codes[inv], g_idx[inv]
+    return codes.t(), g_idx.to(torch.int32)
 
 
 def to_gptq(layer: QuantLinear, version: str = "gptq") -> dict[str, torch.Tensor]:
     """A QuantLinear as GPTQ tensors (``qweight``, ``qzeros``, ``scales``, ``g_idx``)."""
-    if layer.perm is None:           # ptqkit's qweight already is GPTQ's (same bitstream along K)
-        qweight = layer.qweight
-        g_idx = (torch.arange(layer.in_features, device=qweight.device) // layer.group_len).to(torch.int32)
-    else:
-        codes, g_idx = original_order(layer)
-        qweight = pack(codes.t(), layer.bits)                                      # [K·b/32, N]
+    codes, g_idx = original_order(layer)
+    # without act-order ptqkit's qweight already is GPTQ's (same bitstream along K); else repack [K·b/32, N]
+    qweight = layer.qweight if layer.perm is None else pack(codes.t(), layer.bits)
     zeros = layer.zeros.to(torch.int64) - (1 if version == "gptq" else 0)           # [G, N]
     return {"qweight": qweight, "qzeros": pack_cols(zeros, layer.bits), "scales": layer.scales, "g_idx": g_idx}
 
