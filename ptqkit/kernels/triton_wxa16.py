@@ -41,7 +41,7 @@ from .autotune import (Config, ConfigStore, autotune_enabled, can_time, capabili
 log = logging.getLogger(__name__)
 
 FUSED_MAX_M = 64    # above this many rows only dequantize + cuBLAS is considered (the fused
-                    # kernel's x gather and accumulator outgrow the registers: sass_count spills)
+                    # kernel's x gather and accumulator outgrow the registers: benchmarks/sass_count.py shows spills)
 STORE = ConfigStore("wxa16")
 
 
@@ -138,7 +138,7 @@ def candidate_configs(m: int, n: int, k: int, group_len: int, bits: int,
         return [cfg] if fits else [dict(dequant, BLOCK_K=16, BLOCK_N=32)]
     if m > FUSED_MAX_M:
         return [dequant]
-    # register budgets from compiling for sm_90 (sass_count; the first entry is the default):
+    # register budgets from compiling for sm_90 (benchmarks/sass_count.py; the first entry is the default):
     # 4-bit M<=8: 256x128 2.3 instructions/code, 221 regs; M<=16: 128x128 177 regs; M<=64 the x
     # gather grows with M: 128x32 (192 regs) and 64x64 stay out of local memory, 128x64 spills a
     # little; other bit widths (generic dequantization): 128x128 / 128x64 (80..233 regs)
@@ -223,33 +223,6 @@ def make_plan(cfg: Config, m: int, n: int, k: int, group_len: int, bits: int, x_
         plan.ws = torch.empty(plan.splits, m, n, dtype=torch.float32, device=device)
         plan.cnt = torch.zeros(plan.grid[0], dtype=torch.int32, device=device)
     return plan
-
-
-def sass_spec(m: int = 1, n: int = 8192, k: int = 8192, group_len: int = 128, bits: int = 4,
-              dtype: torch.dtype = torch.float16, cfg: Config | None = None, arch: int = 90) -> dict:
-    """How a launch would specialise the fused kernel for this problem (for ``sass_count.py``,
-    which compiles it for ``sm_<arch>`` without a GPU): kernel, argument types / values, constexprs."""
-    dev = torch.device("cuda", 0)
-    cfg = cfg or default_config(m, n, k, group_len, bits, dev, dtype, dtype)
-    plan = plan_params(cfg, m, n, k, group_len, bits, dtype, dtype, dev, False, False)
-    if cfg["path"] != "fused" or plan.consts is None:
-        raise ValueError(f"{cfg} is not a fused config for this problem")
-    c, ty = plan.consts, {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-    tma = c["FAST"] and arch >= 90 and n % 4 == 0
-    ptrs = dict(x_ptr=f"*{ty}", perm_ptr=f"*{ty}", q_ptr="*i32", s_ptr=f"*{ty}", z_ptr="*u8",
-                bias_ptr=f"*{ty}", out_ptr=f"*{ty}", ws_ptr="*fp32" if plan.splits > 1 else f"*{ty}",
-                cnt_ptr="*i32" if plan.splits > 1 else f"*{ty}")
-    consts = dict(c, ASM=True, USE_TMA=tma)
-    if tma:
-        ptrs["q_desc"] = f"tensordesc<i32[{c['BK'] // 8}, {c['BN']}]>"
-    else:
-        consts["q_desc"] = None
-    ints = dict(M=m, N=n, K=k, KW=(k * bits + 31) // 32, G=num_groups(k, group_len),
-                chunks_per_split=plan.per_split, splits=plan.splits)
-    return dict(fn=tg.fused_kernel, ptrs=ptrs, ints=ints, consts=consts, num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"], codes_per_thread=c["BK"] * c["BN"] / (32 * cfg["num_warps"]),
-                cfg=dict(cfg, SPLIT_K=plan.splits),
-                title=f"fused_bn{c['BN']}_bk{c['BK']}_bm{c['BM']}_w{cfg['num_warps']}_s{cfg['num_stages']}")
 
 
 def launch(plan: Plan, x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
