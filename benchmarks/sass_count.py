@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import torch
 import triton
@@ -33,17 +34,17 @@ from ptqkit.kernels import triton_gemv as tg
 from ptqkit.kernels import triton_wxa16 as tw
 
 TYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?(.*?)\s*;")   # address, instruction (no predicate)
 
 
 def spec(m: int, n: int, k: int, group_len: int, bits: int, dtype: torch.dtype, cfg: dict | None,
          arch: int, sms: int) -> dict:
     """Kernel argument types, integer values and constexprs of the launch on a ``sm_<arch>`` GPU."""
-    autotune.capability = lambda index: (arch // 10, arch % 10)   # no GPU here: the target's family
-    autotune.sm_count = lambda index: sms
     dev = torch.device("cuda", 0)
-    cfg = cfg or tw.default_config(m, n, k, group_len, bits, dev, dtype, dtype)
-    plan = tw.plan_params(cfg, m, n, k, group_len, bits, dtype, dtype, dev, False, False)
+    with mock.patch.object(autotune, "capability", lambda index: (arch // 10, arch % 10)), \
+            mock.patch.object(autotune, "sm_count", lambda index: sms):   # no GPU here: the target's as the launch sees it
+        cfg = cfg or tw.default_config(m, n, k, group_len, bits, dev, dtype, dtype)
+        plan = tw.plan_params(cfg, m, n, k, group_len, bits, dtype, dtype, dev, False, False)
     if cfg["path"] != "fused" or plan.consts is None:
         sys.exit(f"{cfg} is not a fused config for M={m} N={n} K={k} group {group_len}")
     c, ty, split = plan.consts, {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype], plan.splits > 1
@@ -93,13 +94,12 @@ def cuobjdump(cubin: bytes, flag: str) -> str:
 
 
 def main_loop(sass: str) -> list[str]:
-    """The innermost loop holding the wgmma (HGMMA) instructions: the shortest backward branch's body with them
-    (an outer one also spans the split-K epilogue)."""
+    """The instructions (predicates dropped) of the innermost loop holding the wgmma (HGMMA) instructions: the
+    shortest backward branch's body with them (an outer one also spans the split-K epilogue)."""
     ins = [(int(a, 16), t) for a, t in INSTR.findall(sass)]
     best: list[str] = []
     for addr, text in ins:
-        op = re.sub(r"^@!?U?P\w+\s+", "", text)
-        hit = re.match(r"BRA\S*\s+.*?0x([0-9a-f]+)", op)
+        hit = re.match(r"BRA\S*\s+.*?0x([0-9a-f]+)", text)
         if hit and int(hit.group(1), 16) < addr:
             body = [t for a, t in ins if int(hit.group(1), 16) <= a <= addr]
             if any("HGMMA" in t for t in body) and (not best or len(body) < len(best)):
@@ -135,12 +135,11 @@ def main() -> int:
     loop = main_loop(sass)
     if not loop:
         sys.exit("no loop with HGMMA instructions found in the SASS")
-    strip = [re.sub(r"^@!?U?P\w+\s+", "", t) for t in loop]
-    ops = collections.Counter(t.split()[0].split(".")[0] for t in strip)
+    ops = collections.Counter(t.split()[0].split(".")[0] for t in loop)
     regs, local = re.search(r"REG:(\d+)", usage), re.search(r"LOCAL:(\d+)", usage)
     res = dict(config=s["cfg"], loop_instructions=len(loop), codes_per_thread=s["codes"],
                instructions_per_code=round(len(loop) / s["codes"], 4),
-               branches_in_loop=sum(t.startswith("BRA") for t in strip[:-1]),
+               branches_in_loop=sum(t.startswith("BRA") for t in loop[:-1]),
                registers=int(regs.group(1)) if regs else None, local_bytes=int(local.group(1)) if local else None)
     if args.json:
         print(json.dumps(res))

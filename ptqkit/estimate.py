@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from .checks import check_positive
+
 log = logging.getLogger(__name__)
 
 GIB = 2**30
@@ -203,12 +205,11 @@ def estimate(
     ``host_weights_budget``: the model is disk-offloaded (``--offload-folder``) with at most this many
     bytes of its weights in host memory (0: only what lies outside the decoder blocks); the quantized
     blocks (≈ 4 bits per weight) accumulate next to it."""
-    for name, v in (("num_samples", num_samples), ("seqlen", seqlen), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}={v!r} must be a positive integer")
+    check_positive(num_samples=num_samples, seqlen=seqlen, batch_size=batch_size)
     if pipeline not in ("sequential", "two-pass", "fp-outputs"):
         raise ValueError(f"pipeline={pipeline!r}: choose sequential or two-pass (plan.choose resolves auto)")
-    seq = pipeline != "two-pass"  # fp-outputs holds what sequential does
+    pipeline = "two-pass" if pipeline == "two-pass" else "sequential"  # fp-outputs holds what sequential does
+    seq = pipeline == "sequential"
     steps = _steps(method)
     e = torch.empty((), dtype=dtype).element_size()
     s, h, i = shape, shape.hidden, shape.intermediate
@@ -231,7 +232,7 @@ def estimate(
     else:
         inout = 2 * tokens * h * e                        # block inputs + outputs
         inter = held * live * e + transient
-    mem = [st.memory(s, tokens, batches, "sequential" if seq else "two-pass") for st in steps]
+    mem = [st.memory(s, tokens, batches, pipeline) for st in steps]
     on_host = offload_activations and not same
     full, outside = s.total_params() * e, (s.total_params() - s.layers * s.block_params()) * e  # outside the blocks
     host_model = full if host_weights_budget is None else min(full, max(host_weights_budget, outside))

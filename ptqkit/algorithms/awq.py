@@ -350,7 +350,7 @@ class AWQ(Transform):
     def _fold(self, block: nn.Module, fold: _Fold, s_prev: torch.Tensor, s: torch.Tensor, ctx: Any) -> None:
         """Divide prev's output by ``s_prev`` and multiply the linears' input columns by ``s``."""
         fold_scales(block.get_submodule(fold.prev), [block.get_submodule(n) for n in fold.linears], s,
-                    fold.norm_offset, s_prev)  # (fp64 then one rounding: the same bits as fp32 division for offset 0)
+                    fold.norm_offset, s_prev)
         for st in {id(st): st for st in (ctx.stats.get(n) for n in fold.linears) if st is not None}.values():
             st.rescale(s)
 

@@ -94,8 +94,8 @@ def scale_losses(weights: list[torch.Tensor], cands: torch.Tensor, gram: torch.T
             # ``ΔW = Q(W·diag(s))·diag(1/s) − W`` for the batch of column scales ``s``: ``[n, N, K]``; its loss
             # ``tr(ΔW Σ ΔWᵀ) / N`` per candidate: the mean over tokens of the squared output error, summed over
             # outputs and divided by ``N``
-            w = w.float()
-            dw = quant(w[None] * s) / s - w[None]
+            wf = w.float()[None]                                         # [1, N, K]
+            dw = quant(wf * s) / s - wf
             losses[i:i + step] += (((dw @ gram) * dw).sum((-1, -2)) / dw.shape[-2]).double() * w.shape[0]
     return losses / n_out
 
@@ -130,11 +130,11 @@ def clip_search(
     # the full ranges, shrunk by each ``p`` below. Symmetric: ``±p·max|w|``; asymmetric: ``[p·min(w, 0),
     # p·max(w, 0)]``. Clamping a group to its range leaves RTN exactly that range (so the search scores
     # what the quantizer will do)
-    lo_best, hi_best = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)  # [N, G]
+    lo1, hi1 = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)  # [N, G]
     if sym:
-        hi_best = torch.maximum(-lo_best, hi_best)
-        lo_best = -hi_best
-    lo1, hi1 = lo_best, hi_best
+        hi1 = torch.maximum(-lo1, hi1)
+        lo1 = -hi1
+    lo_best, hi_best = lo1, hi1
     step = _chunk(3 * wg.numel())
     for i in range(0, p.numel(), step):
         pc = p[i:i + step, None, None]

@@ -32,10 +32,10 @@ from .gptq import original_order, pack_cols, skipped_block_linears, unpack_cols
 
 log = logging.getLogger(__name__)
 
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)     # nibble i holds column AWQ_ORDER[i] of each 8-column block
-AWQ_REVERSE = (0, 4, 1, 5, 2, 6, 3, 7)   # column c is in nibble AWQ_REVERSE[c] (the inverse of AWQ_ORDER)
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)   # nibble i holds column AWQ_ORDER[i] of each 8-column block
 BITS = 4
 PACK = 32 // BITS
+AWQ_REVERSE = tuple(AWQ_ORDER.index(c) for c in range(PACK))   # column c is in nibble AWQ_REVERSE[c]
 
 
 # ---------------------------------------------------------------- pure conversions

@@ -57,18 +57,25 @@ def original_order(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes ``[N, K]`` and ``g_idx [K]`` in the original input-column order (act-order undone:
     stored row ``j`` is column ``perm[j]`` and belongs to group ``j // group_len``)."""
     codes = unpack(layer.qweight, layer.bits, layer.in_features)       # [K, N] stored order
-    g_idx = torch.arange(layer.in_features, device=codes.device) // layer.group_len
+    g_idx = stored_groups(layer)
     if layer.perm is not None:
         inv = layer.perm.long().argsort()                               # original column k is stored row inv[k]
         codes, g_idx = codes[inv], g_idx[inv]
-    return codes.t(), g_idx.to(torch.int32)
+    return codes.t(), g_idx
+
+
+def stored_groups(layer: QuantLinear) -> torch.Tensor:
+    """int32 ``[K]``: the group of each stored row (``g_idx`` without act-order)."""
+    return (torch.arange(layer.in_features, device=layer.qweight.device) // layer.group_len).to(torch.int32)
 
 
 def to_gptq(layer: QuantLinear, version: str = "gptq") -> dict[str, torch.Tensor]:
     """A QuantLinear as GPTQ tensors (``qweight``, ``qzeros``, ``scales``, ``g_idx``)."""
-    codes, g_idx = original_order(layer)
-    # without act-order ptqkit's qweight already is GPTQ's (same bitstream along K); else repack [K·b/32, N]
-    qweight = layer.qweight if layer.perm is None else pack(codes.t(), layer.bits)
+    if layer.perm is None:           # ptqkit's qweight already is GPTQ's (same bitstream along K)
+        qweight, g_idx = layer.qweight, stored_groups(layer)
+    else:
+        codes, g_idx = original_order(layer)
+        qweight = pack(codes.t(), layer.bits)                                      # [K·b/32, N]
     zeros = layer.zeros.to(torch.int64) - (1 if version == "gptq" else 0)           # [G, N]
     return {"qweight": qweight, "qzeros": pack_cols(zeros, layer.bits), "scales": layer.scales, "g_idx": g_idx}
 
