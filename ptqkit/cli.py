@@ -88,10 +88,6 @@ def _options(args: argparse.Namespace, grid: bool = True) -> dict[str, Any]:
     return options
 
 
-def _method(text: str) -> Any:
-    return text.split(",") if "," in text else text
-
-
 def _table(rep: Any, times: dict[str, float], size_fp: float, size_q: float, share: float | None = None) -> str:
     f = lambda x, s=".3f": "–" if x is None else format(x, s)  # noqa: E731
     rows = [("block weights quantized", "", "–" if share is None else f"{100 * share:.1f}%"),
@@ -192,7 +188,7 @@ def _plan(args: argparse.Namespace) -> tuple[Any, dict[str, Any], list, Path, in
     from .calibration.data import check_source
     from .config import build_recipe, grid_label
 
-    method, options = _method(args.method), _options(args)
+    method, options = args.method, _options(args)
     steps = build_recipe(method, options)
     checks.check_device(args.device)
     checks.check_positive(num_samples=args.num_samples, seqlen=args.seqlen, batch_size=args.batch_size)
@@ -327,7 +323,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     budget = None if args.max_host_memory is None else estimate.parse_size(args.max_host_memory, "--max-host-memory")
     models.check_weight_files(models.resolve_model_path(args.model))  # a damaged download fails here, not later
     shape = estimate.ModelShape.from_config(estimate.load_config(args.model))
-    steps = build_recipe(_method(args.method), parse_options(args.option, "--option"))
+    steps = build_recipe(args.method, parse_options(args.option, "--option"))
     kw = _estimate_kw(args, steps, budget)
     host_free, dev_free = estimate.free_memory(kw["device"])
     opts = plan.options(shape, kw, host_free, dev_free)

@@ -7,6 +7,7 @@ that name; a name no step takes is an error. Per-step options come as dicts:
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, Sequence, Union
 
@@ -51,13 +52,19 @@ def _load_yaml(path: str) -> tuple[list[StepSpec], dict[str, Any]]:
     return data, options
 
 
+def split_recipe(text: str) -> list[str]:
+    """The step names of ``"smoothquant+gptq"`` or ``"awq,gptq"``."""
+    return [m.strip() for m in re.split(r"[+,]", text) if m.strip()]
+
+
 def _normalize(method: MethodSpec) -> tuple[list[dict], dict[str, Any]]:
-    """Any method spec -> ``([{"method": name, **options}, ...], options of a recipe file)``."""
+    """Any method spec (a name, steps joined by ``+`` or ``,``, a YAML path, a list of steps) ->
+    ``([{"method": name, **options}, ...], options of a recipe file)``."""
     if isinstance(method, str):
         if method.endswith((".yaml", ".yml")):
             steps, options = _load_yaml(method)
             return _normalize(steps)[0], options
-        return [{"method": method}], {}
+        return [{"method": m} for m in split_recipe(method) or [method]], {}
     if not isinstance(method, (list, tuple)) or not method:
         raise ValueError(f"method must be a name, a YAML path or a non-empty list of steps, got {method!r}")
     steps = []

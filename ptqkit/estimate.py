@@ -180,10 +180,6 @@ def _steps(method: Any) -> list:
 
     if isinstance(method, (list, tuple)) and method and all(isinstance(m, Algorithm) for m in method):
         return list(method)
-    if isinstance(method, str) and "," in method:
-        method = [m.strip() for m in method.replace("+", ",").split(",") if m.strip()]
-    elif isinstance(method, str) and "+" in method:
-        method = method.split("+")
     return build_recipe(method, {})
 
 

@@ -185,7 +185,7 @@ def test_calibrate_all_experts_reaches_every_expert_and_keeps_the_routing():
 
 def test_gemma_norms_fold_exactly(tmp_path):
     """Gemma's RMSNorm multiplies by (1 + weight): smoothing folds into it without changing the function."""
-    from ptqkit.algorithms.smoothquant import smooth_model
+    from test_smoothquant import smooth_model
 
     model = build("gemma2")
     x = ids(2, 24, seed=3)

@@ -250,7 +250,8 @@ def test_statistics_do_not_grow_with_calibration_size():
         original = AWQ.apply
 
         def spy(self, block, ctx, peak=peak):
-            peak.append(sum({id(s): s.nbytes() for s in ctx.stats.values()}.values()))
+            held_by = lambda s: sum(t.nbytes for t in (s.abs_sum, s.gram, s.rows, s.weight, s.prio) if t is not None)  # noqa: E731
+            peak.append(sum({id(s): held_by(s) for s in ctx.stats.values()}.values()))
             return original(self, block, ctx)
 
         awq.apply = spy.__get__(awq)

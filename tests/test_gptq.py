@@ -16,6 +16,12 @@ from ptqkit.layers import QuantLinear
 from ptqkit.quant import QuantArgs, dequantize_weight, fake_quant, find_qparams, quantize_weight
 
 
+def hessian_of(x: torch.Tensor) -> torch.Tensor:
+    """``H = 2 X Xᵀ / n`` of all tokens of ``x [..., K]`` at once (the reference for the running form)."""
+    gram, n = gm.input_gram(x)
+    return gram * (2.0 / n)
+
+
 def correlated(n: int, k: int, seed: int = 0) -> torch.Tensor:
     """``[n, k]`` inputs with strongly correlated, unevenly scaled features (like LLM activations)."""
     g = torch.Generator().manual_seed(seed)
@@ -74,7 +80,7 @@ def test_blocked_gram_equals_full_product(k, chunk):
 def test_prepare_hessian_damp_and_dead_columns():
     x = correlated(300, 12)
     x[:, 5] = 0.0
-    h = gm.hessian_of(x)
+    h = hessian_of(x)
     hd, dead = gm.prepare_hessian(h, damp=0.05)
     assert dead.tolist() == [i == 5 for i in range(12)]
     diag = h.diagonal().clone()
@@ -86,7 +92,7 @@ def test_prepare_hessian_damp_and_dead_columns():
 
 
 def test_inverse_cholesky_factor():
-    h, _ = gm.prepare_hessian(gm.hessian_of(correlated(200, 16)), 0.01)
+    h, _ = gm.prepare_hessian(hessian_of(correlated(200, 16)), 0.01)
     u = gm.inverse_cholesky(h)
     assert torch.equal(u, u.triu())
     torch.testing.assert_close((u.t() @ u).double(), torch.linalg.inv(h.double()), rtol=1e-3, atol=1e-4)
@@ -94,7 +100,7 @@ def test_inverse_cholesky_factor():
 
 def test_cholesky_retry_raises_damp_then_gives_up():
     x = correlated(8, 20)                                           # rank 8 < 20: singular H
-    h = gm.hessian_of(x) - 0.02 * torch.eye(20) * gm.hessian_of(x).diagonal().mean()   # indefinite
+    h = hessian_of(x) - 0.02 * torch.eye(20) * hessian_of(x).diagonal().mean()   # indefinite
     assert gm.inverse_cholesky(gm.prepare_hessian(h, 0.01)[0]) is None
     _, _, used = gm.damped_inverse_cholesky(h, damp=0.01, max_damp=1.0)
     assert 0.02 < used <= 1.0
@@ -159,7 +165,7 @@ def test_hessian_weighted_clip_lowers_output_error():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(32, 96, generator=g) ** 3                                  # outlier weights
     x = correlated(800, 96, seed=2)
-    h = gm.hessian_of(x)
+    h = hessian_of(x)
     errs = {}
     for name, args, weighting in (("minmax", QuantArgs(bits=3, group_size=32), "hessian"),
                                   ("uniform", QuantArgs(bits=3, group_size=32, mse=True), "uniform"),
@@ -193,7 +199,7 @@ def naive_obs(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, damp: float) ->
 def test_column_loop_matches_naive_obs(group_size):
     w, x = problem()
     args = QuantArgs(bits=3, group_size=group_size, sym=False)
-    h = gm.hessian_of(x)
+    h = hessian_of(x)
     fast = dequant(gm.gptq_quantize(w, h, args, damp=0.01, block_size=8), args)
     ref = naive_obs(w, h, args, 0.01).float()
     # rounding ties (x.5 exactly) may break differently in fp32 and fp64 and then propagate: allow a few
@@ -206,7 +212,7 @@ def test_column_loop_matches_naive_obs(group_size):
 def test_lazy_block_size_does_not_change_result(act_order):
     w, x = problem(seed=3)
     args = QuantArgs(bits=4, group_size=32)
-    h = gm.hessian_of(x)
+    h = hessian_of(x)
     a = gm.gptq_quantize(w, h, args, block_size=1, act_order=act_order)
     b = gm.gptq_quantize(w, h, args, block_size=128, act_order=act_order)
     assert (a.codes != b.codes).float().mean().item() < 0.01
@@ -217,7 +223,7 @@ def test_loss_equals_quadratic_error_of_damped_hessian():
     """Σ (w−q)²/d²/2 over the loop equals ½ tr((W−Q) H_damped (W−Q)ᵀ) exactly (telescoping OBS)."""
     w, x = problem(seed=5)
     args = QuantArgs(bits=3, group_size=-1)
-    h = gm.hessian_of(x)
+    h = hessian_of(x)
     res = gm.gptq_quantize(w, h, args, damp=0.05)
     hd, _ = gm.prepare_hessian(h.double(), 0.05)
     d = (w.double() - dequant(res, args).double())
@@ -239,7 +245,7 @@ CASES = [
 def test_gptq_output_error_below_rtn(case, act_order, static_groups):
     w, x = problem(k=70)
     args = QuantArgs(**case)
-    res = gm.gptq_quantize(w, gm.hessian_of(x), args, act_order=act_order, static_groups=static_groups)
+    res = gm.gptq_quantize(w, hessian_of(x), args, act_order=act_order, static_groups=static_groups)
     g = res.scales.shape[1]
     assert res.codes.shape == (24, 70) and res.codes.max() <= args.maxq
     assert g == (1 if args.group_size == -1 else -(-70 // args.group_size))
@@ -252,7 +258,7 @@ def test_static_groups_keep_original_group_qparams():
     """act_order + static groups: qparams are those of the original contiguous groups, stored in order."""
     w, x = problem(seed=7)
     args = QuantArgs(bits=4, group_size=32)
-    res = gm.gptq_quantize(w, gm.hessian_of(x), args, act_order=True, static_groups=True)
+    res = gm.gptq_quantize(w, hessian_of(x), args, act_order=True, static_groups=True)
     _, scales, zeros = quantize_weight(w, args)                      # RTN's grid of the same groups
     assert res.perm is None
     torch.testing.assert_close(res.scales, scales)
@@ -262,7 +268,7 @@ def test_static_groups_keep_original_group_qparams():
 def test_gidx_form_groups_follow_processing_order():
     w, x = problem(seed=8)
     args = QuantArgs(bits=4, group_size=16, sym=False)
-    h = gm.hessian_of(x)
+    h = hessian_of(x)
     res = gm.gptq_quantize(w, h, args, act_order=True, static_groups=False)
     assert torch.equal(res.perm, gm.act_order_perm(h))
     layer = QuantLinear.from_codes(res.codes, res.scales, res.zeros, 4, 16, perm=res.perm)
@@ -273,7 +279,7 @@ def test_dead_columns_quantize_to_zero():
     w, x = problem(seed=9)
     x[:, [3, 40]] = 0.0
     args = QuantArgs(bits=4, group_size=32, sym=False)
-    res = gm.gptq_quantize(w, gm.hessian_of(x), args, act_order=True)
+    res = gm.gptq_quantize(w, hessian_of(x), args, act_order=True)
     assert res.dead == 2
     assert dequant(res, args)[:, [3, 40]].abs().max() == 0
 
@@ -297,7 +303,7 @@ def test_quantizer_shares_one_hessian_between_linears_with_one_input():
     st = q.new_stats()                                                 # what the runner gives q, k and v
     for x in xs:
         st.add(x)
-    torch.testing.assert_close(st.hessian, gm.hessian_of(torch.cat(xs).reshape(-1, 40)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(st.hessian, hessian_of(torch.cat(xs).reshape(-1, 40)), rtol=1e-5, atol=1e-4)
     for name, m in lin.items():
         new = q.quantize(name, m, st)
         assert isinstance(new, QuantLinear)

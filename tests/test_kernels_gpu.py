@@ -84,11 +84,13 @@ def test_gpu_wxa16_matches_reference(dtype: torch.dtype, bits: int) -> None:
 @pytest.mark.parametrize("group", list(SHAPES))
 def test_gpu_fast_tile_bit_exact(dtype: torch.dtype, group: str) -> None:
     """The inline-PTX dequantization (magic-number pairs) equals the reference bit for bit."""
+    from test_kernels_triton import dequantize_fast
+
     k, n, group_len = SHAPES[group]
     lay = layer(4, k, n, group_len, dtype, False)
     args = (lay["qweight"], lay["scales"], lay["zeros"])
     for bn, bk, warps in ((64, 64, 4), (256, 128, 4)):
-        w = tw.dequantize_fast(*args, group_len, k, block_n=bn, block_k=bk, num_warps=warps)
+        w = dequantize_fast(*args, group_len, k, block_n=bn, block_k=bk, num_warps=warps)
         assert torch.equal(w, reference.dequantize(*args, 4, group_len, k))
 
 

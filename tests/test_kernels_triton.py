@@ -26,6 +26,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"   # must precede the first triton import
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 
 from ptqkit import kernels  # noqa: E402
 from ptqkit.kernels import autotune, reference  # noqa: E402
@@ -51,6 +52,40 @@ GROUPS = {
     "per-channel": (100, 50, 100),
     "g24-fallback": (72, 20, 24),
 }
+
+
+@triton.jit
+def _fast_tile_kernel(q_ptr, q_desc, s_ptr, z_ptr, w_ptr, N, K, KW, G, BN: tl.constexpr, BK: tl.constexpr,
+                      GROUP: tl.constexpr, NW: tl.constexpr, ASM: tl.constexpr, USE_TMA: tl.constexpr):
+    """The fused kernel's 4-bit dequantization alone: ``W [K, N]`` (stored row order) from the very tiles the
+    dot consumes, the slot / feature permutations undone; grid ``(cdiv(K, BK), cdiv(N, BN))``."""
+    c = tl.program_id(0)
+    n0 = tl.program_id(1) * BN
+    GPT: tl.constexpr = BK // GROUP if (GROUP > 0 and GROUP < BK) else 1
+    s, z = tg._scales_zeros(s_ptr, z_ptr, c * BK, n0, N, G, BN, GROUP, GPT)
+    w = tg._fast_w(q_ptr, q_desc, s, z, c, n0, N, KW, BN, BK, GPT, NW, w_ptr.dtype.element_ty, ASM, USE_TMA)
+    k = c * BK + tg.slot_rows(BK)
+    n = n0 + tg.feature_of_row(BN, NW)
+    tl.store(w_ptr + k[None, :].to(tl.int64) * N + n[:, None], w, mask=(k < K)[None, :] & (n < N)[:, None])
+
+
+def dequantize_fast(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_len: int,
+                    in_features: int, block_n: int = 16, block_k: int = 32, num_warps: int = 1) -> torch.Tensor:
+    """``W [K, N]`` through the fused kernel's 4-bit fast-path dequantization (fp16 / bf16 scales), tile by
+    tile as the dot sees it: to check it against ``reference.dequantize`` bit for bit (here and on a GPU)."""
+    k, n = in_features, qweight.shape[1]
+    group = tw._group_const(k, group_len, block_k)
+    assert group is not None and scales.dtype in (torch.float16, torch.bfloat16)
+    w = torch.zeros(k, n, dtype=scales.dtype, device=qweight.device)
+    q_desc = None
+    if tw._use_tma(qweight, n):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        q_desc = TensorDescriptor.from_tensor(qweight, [block_k // 8, block_n])
+    grid = (triton.cdiv(k, block_k), triton.cdiv(n, block_n))
+    _fast_tile_kernel[grid](qweight, q_desc, scales, zeros, w, n, k, qweight.shape[0], scales.shape[0],
+                            BN=block_n, BK=block_k, GROUP=group, NW=num_warps, ASM=not INTERPRET,
+                            USE_TMA=q_desc is not None, num_warps=num_warps)
+    return w
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -176,7 +211,7 @@ def test_fast_tile_bit_exact(group: str, tile: tuple[int, int, int]) -> None:
     for n_cols in (n, 64):                                       # N % 4 == 0 reads words through a TMA descriptor
         layer = make_weight(4, k, n_cols, group_len, torch.float16, False, False, seed=k + n_cols)
         args = (layer["qweight"], layer["scales"], layer["zeros"])
-        w = tw.dequantize_fast(*args, group_len, k, block_n=bn, block_k=bk, num_warps=warps)
+        w = dequantize_fast(*args, group_len, k, block_n=bn, block_k=bk, num_warps=warps)
         assert torch.equal(w, reference.dequantize(*args, 4, group_len, k))
 
 
@@ -400,7 +435,7 @@ def test_config_store_off_gpu() -> None:
 def test_config_store_tunes_and_persists(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A tune times every candidate (a failing one scores inf), keeps the fastest, writes it to the
     cache directory, and a fresh store reads it back (GPU name faked: no GPU needed)."""
-    monkeypatch.setenv("PTQKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("PTQKIT_CACHE", str(tmp_path))
     monkeypatch.setattr(autotune, "interpreting", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")

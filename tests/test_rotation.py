@@ -9,11 +9,11 @@ import pytest
 import torch
 import transformers as T
 from test_architectures import build
+from test_gptq import hessian_of
 from torch import nn
 
 import ptqkit
-from ptqkit.algorithms.gptaq_math import asymmetric_target
-from ptqkit.algorithms.gptq_math import hessian_of
+from ptqkit.algorithms.gptaq_math import asymmetric_map
 from ptqkit.jobs.compare import plan
 from ptqkit.layers import QuantLinear
 from ptqkit.rotation import _hadamard, random_rotation, rotate_model_
@@ -108,6 +108,11 @@ def test_rotation_then_awq_then_gptq_runs_and_stays_close():
     q = ptqkit.quantize(copy.deepcopy(model), ["rotate", "awq", "gptq"], calibration=ids(), bits=8, group_size=32)
     assert all(isinstance(m, QuantLinear) for n, m in q.named_modules() if n.endswith("proj"))
     assert (logits(q, x) - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def asymmetric_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
+    """``W*`` of ``asymmetric_map`` for one weight ``[N, K]``."""
+    return (weight.double() @ asymmetric_map(hessian, cross, damp).double()).to(weight.dtype)
 
 
 def test_asymmetric_target_is_the_least_squares_fit():

@@ -25,13 +25,52 @@ from ptqkit.algorithms.smoothquant import (
     fold_scales,
     outlier_stats,
     simulated_linear,
-    smooth_model,
     smoothing_scales,
     weight_absmax,
 )
+from ptqkit.architectures import architecture, find_blocks, find_linears, prepare_block
+from ptqkit.algorithms.base import BlockContext
+from ptqkit.algorithms.smoothquant import ChannelMax
 from ptqkit.config import build_recipe
 from ptqkit.kernels import reference
 from ptqkit.layers import QuantLinearW8A8
+
+
+@torch.no_grad()
+def smooth_model(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    alpha: float = 0.5,
+    batch_size: int = 8,
+    ignore: list[str] | None = None,
+    linear_alpha: float | None = 0.5,
+) -> SmoothQuant:
+    """Smooth ``model`` in place in full precision, without quantizing it: the reference the runner's
+    smoothing (block by block, or in-pass) is checked against.
+
+    Statistics come from one forward pass of the calibration ids ``[N, L]`` (fixed strengths); returns the
+    transform, whose ``stats`` hold the per-layer outlier picture.
+    """
+    sq = SmoothQuant(SmoothQuantConfig(alpha=alpha, linear_alpha=linear_alpha))
+    path, blocks = find_blocks(model)
+    arch = architecture(model)
+    device = next(model.parameters()).device
+    for b in blocks:
+        prepare_block(b, arch)
+    linears = [find_linears(b, ignore, f"{path}.{i}.", arch) for i, b in enumerate(blocks)]
+    stats = [{n: ChannelMax() for n in lin} for lin in linears]
+    handles = [m.register_forward_pre_hook(lambda mod, args, st=stats[i][n]: st.add(args[0]))
+               for i, lin in enumerate(linears) for n, m in lin.items()]
+    try:
+        for ids in calibration.split(batch_size):
+            model(input_ids=ids.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    for i, (block, lin) in enumerate(zip(blocks, linears)):
+        seen = {n: st for n, st in stats[i].items() if st.value is not None}
+        sq.apply(block, BlockContext(i, f"{path}.{i}", lin, [], [], device, arch, None, stats=seen))
+    return sq
 
 
 def int64_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
@@ -284,6 +323,8 @@ def test_recipes_mean_w8a8() -> None:
     if "gptq" in ptqkit.ALGORITHMS:
         sq, gptq = build_recipe(["smoothquant", "gptq"])
         assert gptq.name == "gptq" and (gptq.config.bits, gptq.config.activations) == (8, "dynamic")
+        for joined in ("smoothquant+gptq", " smoothquant , gptq"):  # the CLI's and the job files' spellings
+            assert [s.to_dict() for s in build_recipe(joined)] == [s.to_dict() for s in (sq, gptq)]
     with pytest.raises(ValueError, match="bits=8"):
         build_recipe("smoothquant", {"bits": 4})
 
@@ -320,8 +361,6 @@ def test_smooth_model_is_exact_and_reports_outliers(tiny_llama) -> None:
     assert sq.stats["model.layers.0.mlp.down_proj"]["smoothed_by"] == "model.layers.0.mlp.up_proj"
     assert sq.stats["model.layers.0.self_attn.o_proj"]["smoothed_by"] is None  # GQA: v -> o does not fold
     assert "model.layers.1.self_attn.k_proj" not in sq.stats   # ignored: scaled (exactness) but not reported
-    with pytest.raises(ValueError, match="numeric strengths"):
-        smooth_model(model, ids, alpha="auto")
 
 
 def test_linear_mappings_with_and_without_gqa() -> None:

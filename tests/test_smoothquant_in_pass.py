@@ -8,12 +8,12 @@ import copy
 
 import pytest
 import torch
-from test_smoothquant import _ids, _logits, _outlier_llama
+from test_smoothquant import _ids, _logits, _outlier_llama, smooth_model
 from torch import nn
 
 import ptqkit.algorithms  # noqa: F401  (registers the algorithms)
 from ptqkit.algorithms.rtn import RTN, RTNConfig
-from ptqkit.algorithms.smoothquant import SmoothQuant, SmoothQuantConfig, smooth_model
+from ptqkit.algorithms.smoothquant import SmoothQuant, SmoothQuantConfig
 from ptqkit.layers import QuantLinear, QuantLinearW8A8
 
 

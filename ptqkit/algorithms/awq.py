@@ -150,10 +150,6 @@ class _Inputs:
         self.gram = self.gram / (s[:, None] * s[None, :])
         self.rows = self.rows / s
 
-    def nbytes(self) -> int:
-        held = (self.abs_sum, self.gram, self.rows, self.weight, self.prio)
-        return sum(t.numel() * t.element_size() for t in held if t is not None)
-
 
 @dataclass
 class _Fold:

@@ -27,8 +27,3 @@ def asymmetric_map(hessian: torch.Tensor, cross: torch.Tensor, damp: float) -> t
     if int(info):
         return eye.float()
     return torch.cholesky_solve((c + lam * eye).t(), chol).t().float()   # Mᵀ = (H + λI)⁻¹ (C + λI)ᵀ
-
-
-def asymmetric_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
-    """``W*`` of :func:`asymmetric_map` for one weight ``[N, K]``."""
-    return (weight.double() @ asymmetric_map(hessian, cross, damp).double()).to(weight.dtype)

@@ -77,12 +77,6 @@ def accumulate_hessian(
     return hessian, total
 
 
-def hessian_of(x: torch.Tensor) -> torch.Tensor:
-    """``H = 2 X Xᵀ / n`` of all tokens of ``x [..., K]`` at once (the reference for the running form)."""
-    gram, n = input_gram(x)
-    return gram * (2.0 / n)
-
-
 def prepare_hessian(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """A dampened copy of ``H`` and its dead-column mask.
 

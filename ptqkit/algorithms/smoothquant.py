@@ -37,10 +37,10 @@ from pydantic.dataclasses import dataclass
 from torch import nn
 
 from .. import distributed
-from ..architectures import Mapping, architecture, find_blocks, find_linears, prepare_block
+from ..architectures import Mapping
 from ..quant import STRICT
 from ..registry import register
-from .base import ActMax, Barrier, BlockContext, Memory, Transform, fold_scales
+from .base import ActMax, Barrier, Memory, Transform, fold_scales
 
 log = logging.getLogger(__name__)
 
@@ -348,43 +348,3 @@ class SmoothQuant(Transform):
         # data-parallel hook: error and element count summed over ranks before the argmin
         return distributed.all_reduce_float(err) / distributed.all_reduce_float(sum(r.numel() for r in ref))
 
-
-@torch.no_grad()
-def smooth_model(
-    model: nn.Module,
-    calibration: torch.Tensor,
-    alpha: float = 0.5,
-    batch_size: int = 8,
-    ignore: list[str] | None = None,
-    linear_alpha: float | None = 0.5,
-) -> SmoothQuant:
-    """Smooth ``model`` in place in full precision, without quantizing it (fp export, analysis).
-
-    Statistics come from one forward pass of the calibration ids ``[N, L]``; returns the
-    transform, whose ``stats`` hold the per-layer outlier picture. ``alpha`` must be a number:
-    ``"auto"`` searches against quantization and runs inside ``ptqkit.quantize``.
-    """
-    sq = SmoothQuant(SmoothQuantConfig(alpha=alpha, linear_alpha=linear_alpha))
-    if "auto" in (sq.config.alpha, sq.config.linear_alpha):
-        raise ValueError("smooth_model takes numeric strengths; 'auto' searches against a quantizer: use ptqkit.quantize")
-    if calibration.dim() != 2:
-        raise ValueError(f"calibration ids must be [N, L], got shape {tuple(calibration.shape)}")
-    path, blocks = find_blocks(model)
-    arch = architecture(model)
-    device = next(model.parameters()).device
-    for b in blocks:
-        prepare_block(b, arch)
-    linears = [find_linears(b, ignore, f"{path}.{i}.", arch) for i, b in enumerate(blocks)]
-    stats = [{n: ChannelMax() for n in lin} for lin in linears]
-    handles = [m.register_forward_pre_hook(lambda mod, args, st=stats[i][n]: st.add(args[0]))
-               for i, lin in enumerate(linears) for n, m in lin.items()]
-    try:
-        for ids in calibration.split(batch_size):
-            model(input_ids=ids.to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    for i, (block, lin) in enumerate(zip(blocks, linears)):
-        seen = {n: st for n, st in stats[i].items() if st.value is not None}
-        sq.apply(block, BlockContext(i, f"{path}.{i}", lin, [], [], device, arch, None, stats=seen))
-    return sq

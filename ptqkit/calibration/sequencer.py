@@ -29,8 +29,8 @@ when every batch has moved on.
 current float module behind any name of the block, ``divide_rows`` for a producer that is already
 quantized), never the sequencer's own objects.
 
-``observe_only`` (the two-pass pipeline): batches run one after another without pausing, every
-linear's statistics are collected, and the caller quantizes afterwards.
+The two-pass pipeline does without pauses: :func:`observe_pass` collects every linear's statistics with fp
+weights, every linear is quantized, then the block runs again (:func:`quantize_pass`).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..algorithms.base import Barrier, BlockContext, Quantizer, Transform
+from ..algorithms.base import Algorithm, Barrier, BlockContext, Quantizer, Transform
 from ..layers import QuantLinear, divide_rows_
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,22 @@ def _divided(x: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
     return x if s is None else (x.float() / s.to(x.device)).to(x.dtype)
 
 
+def add_input(stats: Any, x: torch.Tensor, targets: dict[str, list[torch.Tensor]] | None, name: str, b: int,
+              s: torch.Tensor | None = None) -> None:
+    """Batch ``b``'s input ``x`` of linear ``name`` into ``stats``; with asymmetric calibration (``targets``), the
+    fp model's input too, divided by the same in-pass fold ``s``."""
+    if targets is None:
+        stats.add(x)
+    else:
+        stats.add(x, _divided(targets[name][b].to(x.device), s))
+
+
+def count_tokens(q: Quantizer, name: str, inputs: list[torch.Tensor]) -> None:
+    """Calibration tokens that reached linear ``name`` (routed experts see only theirs), for the report."""
+    st = q.stats.setdefault(name, {})
+    st["calibration_tokens"] = st.get("calibration_tokens", 0) + sum(x.numel() // x.shape[-1] for x in inputs)
+
+
 class Wrapped(nn.Module):
     """Stands in for a linear during the quantizer pass; becomes its quantized replacement."""
 
@@ -70,7 +86,6 @@ class Wrapped(nn.Module):
         super().__init__()
         self.name, self.short, self.inner, self.seq, self.done = name, short, inner, seq, False
         self.final: nn.Module = inner
-        self.stats: Any = None  # observe-only: the statistics of its input
 
     def quantize(self, stats: Any) -> None:
         q = self.seq.q
@@ -96,9 +111,9 @@ class Wrapped(nn.Module):
 class Sequencer:
     """Batch threads that pause at every wrapped linear (see the module docstring)."""
 
-    def __init__(self, quantizer: Quantizer, ctx: BlockContext, observe_only: bool = False,
-                 in_pass: Sequence[Transform] = (), on_barrier: Callable[[], None] | None = None) -> None:
-        self.q, self.ctx, self.observe_only, self.in_pass = quantizer, ctx, observe_only, tuple(in_pass)
+    def __init__(self, quantizer: Quantizer, ctx: BlockContext, in_pass: Sequence[Transform] = (),
+                 on_barrier: Callable[[], None] | None = None) -> None:
+        self.q, self.ctx, self.in_pass = quantizer, ctx, tuple(in_pass)
         self.on_barrier = on_barrier
         self.n = len(ctx.inputs)
         self.block: nn.Module | None = None
@@ -121,7 +136,7 @@ class Sequencer:
         """Put each linear's final (quantized) module in place of its stand-in."""
         for name, w in self.wrapped.items():
             self.block.set_submodule(name, w.final)
-            w.seq = w.inner = w.stats = None  # no cycle (stand-in <-> sequencer) keeps this block's tensors alive
+            w.seq = w.inner = None  # no cycle (stand-in <-> sequencer) keeps this block's tensors alive
         self.wrapped, self.current, self.waiting, self.block = {}, {}, {}, None
 
     def _module(self, name: str) -> nn.Module:
@@ -158,16 +173,9 @@ class Sequencer:
             used = _divided(x, s)
             self.current[b] = _Input(x, used, stats)
             if stats is not None:
-                self._add(stats, w, b, used, s)
+                add_input(stats, used, self.ctx.targets, w.short, b, s)
         return stats
 
-    def _add(self, stats: Any, w: Wrapped, b: int, x: torch.Tensor, s: torch.Tensor | None = None) -> None:
-        """Batch ``b``'s input to ``w`` into ``stats``; with asymmetric calibration, the fp model's input too
-        (divided by the same in-pass fold ``s``)."""
-        if self.ctx.targets is None:
-            stats.add(x)
-        else:
-            stats.add(x, _divided(self.ctx.targets[w.short][b].to(x.device), s))
 
     def _release(self) -> None:
         if self.on_barrier is not None:  # e.g. freed memory back to the kernel while every batch is paused
@@ -175,7 +183,7 @@ class Sequencer:
         for w, arrivals in self.waiting.items():
             # batch order, not arrival order: fp32 statistics (Hessian sums) are bit-identical run to run
             arrivals.sort(key=lambda item: item[0])
-            self._count(w, arrivals)
+            count_tokens(self.q, w.name, [x for _, x in arrivals])
             shared = self._shared(arrivals)
             w.quantize(shared.stats if shared is not None else self._new_input(w, arrivals))
         # the woken threads count as running from now on, before they get the lock back
@@ -183,32 +191,9 @@ class Sequencer:
         self.waiting.clear()
         self.cond.notify_all()
 
-    def _count(self, w: Wrapped, arrivals: list[tuple[int, torch.Tensor]]) -> None:
-        """Calibration tokens that reached ``w`` (routed experts see only theirs), for the report."""
-        st = self.q.stats.setdefault(w.name, {})
-        st["calibration_tokens"] = st.get("calibration_tokens", 0) + sum(x.numel() // x.shape[-1] for _, x in arrivals)
-
-    def _observe(self, w: Wrapped, x: torch.Tensor) -> None:
-        """Observe-only: this batch's input into ``w``'s statistics (shared with the previous reader)."""
-        b = self.local.batch
-        self._count(w, [(b, x)])
-        cur = self.current.get(b)
-        if cur is not None and cur.raw is x:
-            w.stats = cur.stats
-            return
-        if w.stats is None:
-            w.stats = self.q.new_stats()
-        if w.stats is not None:
-            self._add(w.stats, w, b, x)
-        self.current.clear()  # one batch at a time: keep only its current input
-        self.current[b] = _Input(x, x, w.stats)
-
     def arrive(self, w: Wrapped, x: torch.Tensor) -> torch.Tensor:
         """Pause until ``w`` is quantized; returns the input to go on with (divided by an in-pass fold)."""
-        if w.done:  # quantized already: the output pass of "two-pass" must not feed statistics
-            return x
-        if self.observe_only:  # batches run one after another here: already in order
-            self._observe(w, x)
+        if w.done:  # quantized already (an unrouted expert's stand-in is called again)
             return x
         b = self.local.batch
         self.waiting.setdefault(w, []).append((b, x))
@@ -222,7 +207,7 @@ class Sequencer:
         return self.current[b].used
 
     def run(self, fn: Callable[[int], torch.Tensor], count: int) -> list[torch.Tensor]:
-        """``fn(i)`` for every batch ``i``, each in its own thread (one after another when observing only)."""
+        """``fn(i)`` for every batch ``i``, each in its own thread."""
         results: list[Any] = [None] * count
         self.running = count  # threads not yet started count as running: no barrier opens early
 
@@ -241,7 +226,7 @@ class Sequencer:
                         self._release()
                     self.cond.notify_all()
 
-        if self.observe_only or count == 1:
+        if count == 1:
             for i in range(count):
                 work(i)
         else:
@@ -256,33 +241,36 @@ class Sequencer:
         return results
 
     def finish(self) -> None:
-        """Quantize what is left: every linear after an observe-only pass, and the linears no batch reached
-        (e.g. unrouted experts: statistics of no input)."""
+        """Quantize the linears no batch reached (e.g. unrouted experts: statistics of no input)."""
         for w in self.wrapped.values():
-            if w.done:
-                continue
-            if not self.observe_only:
+            if not w.done:
                 log.warning("%s saw no calibration input; quantized without statistics", w.name)
                 self.q.stats.setdefault(w.name, {})["calibration_tokens"] = 0
-            w.quantize(w.stats if w.stats is not None else self.q.new_stats())
-            w.stats = None
+                w.quantize(self.q.new_stats())
 
 
-def observe_pass(step: Transform, block: nn.Module, linears: dict[str, nn.Module],
-                 forward: Callable[[], list[torch.Tensor]]) -> tuple[list[torch.Tensor], dict[str, Any]]:
-    """Run every calibration batch through ``block`` (``forward``) with ``step`` observing the inputs of
-    ``linears``; returns the block's (fp) outputs per batch and each linear's statistics (readers of one
-    tensor share one object, as in the sequencer)."""
+def observe_pass(step: Algorithm, block: nn.Module, linears: dict[str, nn.Module],
+                 forward: Callable[[], list[torch.Tensor]], ctx: BlockContext | None = None,
+                 ) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """Run every calibration batch through ``block`` (``forward``, batch after batch) with ``step`` observing
+    the inputs of ``linears``; returns the block's (fp) outputs per batch and each linear's statistics
+    (readers of one tensor share one object, as in the sequencer). With ``ctx`` (a quantizer's two-pass
+    observation): the fp model's inputs ``ctx.targets`` go in too, and the tokens are counted for the report."""
     stats: dict[str, Any] = {}
     last: list[Any] = [None, None]  # (input, statistics) of the last linear call
+    calls = dict.fromkeys(linears, 0)  # the batch each linear sees next
+    targets = ctx.targets if ctx is not None else None
 
     def hook(name: str) -> Callable:
         def fn(mod: nn.Module, args: tuple) -> None:
-            x = args[0]
+            x, b = args[0], calls[name]
+            calls[name] += 1
+            if ctx is not None:
+                count_tokens(step, f"{ctx.prefix}.{name}", [x])
             if last[0] is not x:
                 last[:] = [x, stats[name] if name in stats else step.new_stats()]
                 if last[1] is not None:
-                    last[1].add(x)
+                    add_input(last[1], x, targets, name, b)
             stats.setdefault(name, last[1])
         return fn
 
@@ -345,15 +333,19 @@ def quantize_pass(q: Quantizer, block: nn.Module, prefix: str, linears: dict[str
             return slots[i].copy_(out)
         return out.to(ctx.inputs[i].device)
 
-    seq = Sequencer(q, ctx, observe_only=two_pass, in_pass=in_pass, on_barrier=on_barrier)
+    batches = range(len(ctx.inputs))
+    stats = observe_pass(q, block, linears, lambda: [fwd(i) for i in batches], ctx)[1] if two_pass else {}
+    seq = Sequencer(q, ctx, in_pass=in_pass, on_barrier=on_barrier)
     seq.wrap(block, prefix, linears)
     try:
+        if two_pass:
+            for w in seq.wrapped.values():
+                w.quantize(stats[w.short] if w.short in stats else q.new_stats())
+            stats = {}
+            with torch.no_grad():  # no autograd graph: it would keep every batch's activations alive
+                return [fwd(i) for i in batches]
         outs = seq.run(fwd, len(ctx.inputs))
         seq.finish()
-        if two_pass:
-            outs = None  # the observe pass's fp outputs are not needed: free them before the output pass
-            with torch.no_grad():  # no autograd graph: it would keep every batch's activations alive
-                outs = [fwd(i) for i in range(len(ctx.inputs))]
     finally:
         seq.unwrap()
     return outs

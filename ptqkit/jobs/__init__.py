@@ -9,10 +9,9 @@ from ..estimate import PeakMemory
 from .compare import (PLOT_BITS, PLOT_SIZE, RESULTS_JSON, RESULTS_MD, CachedBaseline, Combination, compare,
                       parse_method, plan, split_methods)
 from .run import JOB_FILE, JobResult, run_batch, run_job, summary_line
-from .spec import (CalibrationSpec, EvaluationSpec, JobSpec, OutputSpec, SpecError, load_jobs, parse_options,
-                   recipe_steps)
+from .spec import CalibrationSpec, EvaluationSpec, JobSpec, OutputSpec, SpecError, load_jobs, parse_options
 
 __all__ = ["JOB_FILE", "PLOT_BITS", "PLOT_SIZE", "RESULTS_JSON", "RESULTS_MD", "CachedBaseline", "CalibrationSpec",
            "Combination", "EvaluationSpec", "JobResult", "JobSpec", "OutputSpec", "PeakMemory", "SpecError", "compare",
-           "load_jobs", "parse_method", "parse_options", "plan", "recipe_steps", "run_batch", "run_job",
+           "load_jobs", "parse_method", "parse_options", "plan", "run_batch", "run_job",
            "split_methods", "summary_line"]

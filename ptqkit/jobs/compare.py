@@ -33,7 +33,7 @@ from ..evaluation.plots import plot_ppl_by_bits, plot_size_vs_ppl
 from ..files import atomic_dir, atomic_file, read_json, write_json, write_text
 from ..models import DEFAULT_MODEL
 from .run import _digest, _row, summary_line
-from .spec import CalibrationSpec, EvaluationSpec, SpecError, parse_options, recipe_steps
+from .spec import CalibrationSpec, EvaluationSpec, SpecError, parse_options
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,9 @@ def plan(methods: Sequence[str], bits: Sequence[int], group_sizes: Sequence[int]
             continue
         parsed.setdefault(name, (recipe, own))  # each method once, in the order given
     for m, (recipe, own) in parsed.items():
-        steps, base = recipe_steps(recipe), {**(options or {}), **own}
+        base = {**(options or {}), **own}
         try:
-            q, base_error = build_recipe(steps, base)[-1].config, None
+            q, base_error = build_recipe(recipe, base)[-1].config, None
         except ValueError as e:  # may hold on the grid (rtn[activations=dynamic] needs bits=8): see below
             q, base_error = None, str(e)
         if q is not None and getattr(q, "activations", None) is not None:
@@ -127,7 +127,7 @@ def plan(methods: Sequence[str], bits: Sequence[int], group_sizes: Sequence[int]
             for g in group_sizes:
                 opts = {**base, "bits": b, "group_size": g}
                 try:
-                    label = f"{m}-{grid_label(build_recipe(steps, opts)[-1].config)}"
+                    label = f"{m}-{grid_label(build_recipe(recipe, opts)[-1].config)}"
                 except ValueError as e:
                     errors.append((b, g, str(e)))
                     continue
@@ -196,7 +196,7 @@ def _run_combination(s: _Setup, c: Combination, out: Path, save_format: str | No
     q = copy.deepcopy(s.fp)
     with PeakMemory() as mem:
         t = time.perf_counter()
-        api.quantize(q, recipe_steps(c.recipe), tokenizer=s.tok, calibration=s.calib, num_samples=len(s.calib),
+        api.quantize(q, c.recipe, tokenizer=s.tok, calibration=s.calib, num_samples=len(s.calib),
                      seqlen=s.calib.seqlen, **s.quantize_kw, **c.options)
         quant_s = time.perf_counter() - t
     q.ptqkit_info["model"] = s.model

@@ -26,7 +26,7 @@ from ..calibration.data import load_calibration
 from ..estimate import PeakMemory
 from ..files import atomic_dir, check_output, read_json, write_json
 from ..formats.common import write_report
-from .spec import JobSpec, SpecError, load_jobs, recipe_steps, validate_job
+from .spec import JobSpec, SpecError, load_jobs, validate_job
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def run_job(job: JobSpec, force: bool = False, overwrite: bool = False) -> JobRe
                              seqlen=job.calibration.seqlen, seed=job.calibration.seed)
     with PeakMemory() as mem:
         t = time.perf_counter()
-        api.quantize(model, recipe_steps(job.recipe), tokenizer=tok, calibration=calib,
+        api.quantize(model, job.recipe, tokenizer=tok, calibration=calib,
                      num_samples=len(calib), seqlen=calib.seqlen, seed=job.calibration.seed, ignore=job.ignore or None,
                      device=job.device, batch_size=job.batch_size, pipeline=job.pipeline, **job.options)
         quant_s = time.perf_counter() - t

@@ -24,7 +24,7 @@ from pydantic.dataclasses import dataclass
 from yaml.nodes import MappingNode, Node, SequenceNode
 
 from ..calibration.runner import PIPELINES
-from ..config import build_recipe, grid_label
+from ..config import build_recipe, grid_label, split_recipe
 from ..formats import FORMATS
 from ..models import DEFAULT_MODEL
 
@@ -268,13 +268,6 @@ def parse_options(pairs: Iterable[str], where: str = "--option") -> dict[str, An
     return out
 
 
-def recipe_steps(recipe: str | list) -> Any:
-    """A job's ``recipe`` as ``build_recipe`` takes it: a list of steps, or a YAML recipe path."""
-    if isinstance(recipe, list) or recipe.endswith((".yaml", ".yml")):
-        return recipe
-    return [s.strip() for s in re.split(r"[+,]", recipe) if s.strip()]
-
-
 def _blame(job: JobSpec, message: str, candidates: list[str], fallback: str) -> str:
     """The ``file:line`` of the first candidate path whose last name the error message quotes."""
     head = message.split("valid")[0]  # before the list of valid names
@@ -286,7 +279,8 @@ def _blame(job: JobSpec, message: str, candidates: list[str], fallback: str) -> 
 
 
 def _check_recipe(job: JobSpec, problems: list[str]) -> None:
-    steps = recipe_steps(job.recipe)
+    steps = job.recipe if isinstance(job.recipe, list) or job.recipe.endswith((".yaml", ".yml")) \
+        else split_recipe(job.recipe)
     if isinstance(steps, list):  # grow the recipe step by step: the first failing prefix names the step
         for i in range(1, len(steps) + 1):
             try:

@@ -7,7 +7,7 @@ process tuned or loaded), the on-disk cache of earlier tunes for this GPU, the s
 times every candidate on the GPU (cold L2, each candidate in its own ``try``) and happens only
 when asked: ``PTQKIT_AUTOTUNE=1`` (first use of an untuned shape, outside CUDA-graph capture) or
 an explicit :meth:`ConfigStore.tune` call (``benchmarks/gpu_check.py --tune``). Results go to
-``$PTQKIT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/ptqkit`` or ``~/.cache/ptqkit``), one JSON file
+``$PTQKIT_CACHE`` (the converted models' cache too: default ``$XDG_CACHE_HOME/ptqkit`` or ``~/.cache/ptqkit``), one JSON file
 per GPU name and Triton version; an unwritable cache directory only costs persistence.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any, Callable, Hashable, Sequence
 import torch
 import triton
 
+from .. import models
 from ..files import write_json
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ Config = dict[str, Any]
 #: Shipped configs by GPU family, then by shape class ``(kernel, M class, bits, group class)``:
 #: ``M class`` is 1, 8, 16, 32, ... (:func:`m_class`), ``group class`` is ``"g<=64"``,
 #: ``"g>=128"`` (per-channel included). The sm_90 (H100 / H200) entries come from compiling the
-#: fused kernel for sm_90 without a GPU (``shared/tools/sass_count.py``: M=1 at BN=256, BK=128,
+#: fused kernel for sm_90 without a GPU (``benchmarks/sass_count.py``: M=1 at BN=256, BK=128,
 #: 4 warps, 3 stages is 2.3 instructions per 4-bit code, 221 registers, no spills; larger M keeps
 #: the largest tile that does not spill), not from timings; a measured tune
 #: (``benchmarks/gpu_check.py --tune``) overrides them through the disk cache. Split-K is not in
@@ -106,11 +107,6 @@ def split_k_for(tiles: int, chunks: int, device: torch.device, waves: float = 2.
     return max(1, min(split, chunks, 32))
 
 
-def cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.environ.get("PTQKIT_CACHE_DIR") or os.path.join(base, "ptqkit")
-
-
 def autotune_enabled() -> bool:
     """First-use tuning is opt-in: ``PTQKIT_AUTOTUNE=1``."""
     return os.environ.get("PTQKIT_AUTOTUNE", "0").strip().lower() in ("1", "true", "yes")
@@ -137,7 +133,7 @@ class ConfigStore:
 
     def _path(self, device: torch.device) -> str:
         gpu = torch.cuda.get_device_name(device).replace(" ", "_").replace("/", "_")
-        return os.path.join(cache_dir(), f"{self.name}-{gpu}-triton{triton.__version__}.json")
+        return os.path.join(models.cache_dir(), f"{self.name}-{gpu}-triton{triton.__version__}.json")
 
     def _disk_entries(self, device: torch.device) -> dict[str, Config]:
         if device.type != "cuda" or interpreting() or not torch.cuda.is_available():

@@ -389,20 +389,3 @@ def fused_kernel(x_ptr, perm_ptr, q_ptr, q_desc, s_ptr, z_ptr, bias_ptr, out_ptr
         acc = tl.dot(w, _x_tile(x_cur, offs_m, ONE_ROW, W_DTYPE), acc, input_precision=DOT_PRECISION)
     _epilogue(acc, n0 + feat, offs_m, pid_n, pid_k, M, N, splits, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
               SPLIT, HAS_BIAS)
-
-
-@triton.jit
-def fast_tile_kernel(q_ptr, q_desc, s_ptr, z_ptr, w_ptr, N, K, KW, G,  # noqa: ANN201
-                     BN: tl.constexpr, BK: tl.constexpr,
-                     GROUP: tl.constexpr, NW: tl.constexpr, ASM: tl.constexpr, USE_TMA: tl.constexpr):
-    """The fused kernel's 4-bit dequantization alone: writes ``W [K, N]`` (stored row order) from the
-    very tiles the dot consumes, undoing the slot / feature permutations; grid ``(cdiv(K, BK),
-    cdiv(N, BN))``. For tests and checks: equal, bit for bit, to ``reference.dequantize``."""
-    c = tl.program_id(0)
-    n0 = tl.program_id(1) * BN
-    GPT: tl.constexpr = BK // GROUP if (GROUP > 0 and GROUP < BK) else 1
-    s, z = _scales_zeros(s_ptr, z_ptr, c * BK, n0, N, G, BN, GROUP, GPT)
-    w = _fast_w(q_ptr, q_desc, s, z, c, n0, N, KW, BN, BK, GPT, NW, w_ptr.dtype.element_ty, ASM, USE_TMA)
-    k = c * BK + slot_rows(BK)
-    n = n0 + feature_of_row(BN, NW)
-    tl.store(w_ptr + k[None, :].to(tl.int64) * N + n[:, None], w, mask=(k < K)[None, :] & (n < N)[:, None])

@@ -86,27 +86,6 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     return w
 
 
-def dequantize_fast(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_len: int,
-                    in_features: int, block_n: int = 16, block_k: int = 32, num_warps: int = 1) -> torch.Tensor:
-    """``W [K, N]`` through the fused kernel's 4-bit fast-path dequantization (fp16 / bf16 scales),
-    tile by tile as the dot sees it: for checking it against ``reference.dequantize`` bit for bit."""
-    check_device(qweight)
-    k, n = in_features, qweight.shape[1]
-    group = _group_const(k, group_len, block_k)
-    if group is None or scales.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"the fast path does not take group_len={group_len} with block_k={block_k} / {scales.dtype}")
-    w = torch.zeros(k, n, dtype=scales.dtype, device=qweight.device)
-    q_desc = None
-    if _use_tma(qweight, n):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        q_desc = TensorDescriptor.from_tensor(qweight, [block_k // 8, block_n])
-    grid = (triton.cdiv(k, block_k), triton.cdiv(n, block_n))
-    tg.fast_tile_kernel[grid](qweight, q_desc, scales, zeros, w, n, k, qweight.shape[0], scales.shape[0],
-                              BN=block_n, BK=block_k, GROUP=group, NW=num_warps, ASM=not interpreting(),
-                              USE_TMA=q_desc is not None, num_warps=num_warps)
-    return w
-
-
 # --- configs ----------------------------------------------------------------------------------
 
 def _group_const(k: int, group_len: int, block_k: int) -> int | None:
