@@ -16,21 +16,19 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import ptqkit
 import ptqkit.algorithms  # noqa: F401  (registers the algorithms)
-from ptqkit.algorithms.base import QuantizerConfig
+from ptqkit.algorithms.base import BlockContext, QuantizerConfig, fold_scales
 from ptqkit.algorithms.rtn import RTN, RTNConfig
 from ptqkit.algorithms.smoothquant import (
+    ChannelMax,
     SmoothQuant,
     SmoothQuantConfig,
     channel_absmax,
-    fold_scales,
     outlier_stats,
     simulated_linear,
     smoothing_scales,
     weight_absmax,
 )
 from ptqkit.architectures import architecture, find_blocks, find_linears, prepare_block
-from ptqkit.algorithms.base import BlockContext
-from ptqkit.algorithms.smoothquant import ChannelMax
 from ptqkit.config import build_recipe
 from ptqkit.kernels import reference
 from ptqkit.layers import QuantLinearW8A8

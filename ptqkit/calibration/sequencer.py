@@ -73,7 +73,7 @@ def add_input(stats: Any, x: torch.Tensor, targets: dict[str, list[torch.Tensor]
         stats.add(x, _divided(targets[name][b].to(x.device), s))
 
 
-def count_tokens(q: Quantizer, name: str, inputs: list[torch.Tensor]) -> None:
+def count_tokens(q: Algorithm, name: str, inputs: list[torch.Tensor]) -> None:
     """Calibration tokens that reached linear ``name`` (routed experts see only theirs), for the report."""
     st = q.stats.setdefault(name, {})
     st["calibration_tokens"] = st.get("calibration_tokens", 0) + sum(x.numel() // x.shape[-1] for x in inputs)
@@ -176,7 +176,6 @@ class Sequencer:
                 add_input(stats, used, self.ctx.targets, w.short, b, s)
         return stats
 
-
     def _release(self) -> None:
         if self.on_barrier is not None:  # e.g. freed memory back to the kernel while every batch is paused
             self.on_barrier()
@@ -193,7 +192,7 @@ class Sequencer:
 
     def arrive(self, w: Wrapped, x: torch.Tensor) -> torch.Tensor:
         """Pause until ``w`` is quantized; returns the input to go on with (divided by an in-pass fold)."""
-        if w.done:  # quantized already (an unrouted expert's stand-in is called again)
+        if w.done:  # quantized already: two-pass's output pass, or a batch late at a routed expert a barrier took
             return x
         b = self.local.batch
         self.waiting.setdefault(w, []).append((b, x))

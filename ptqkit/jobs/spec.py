@@ -279,9 +279,9 @@ def _blame(job: JobSpec, message: str, candidates: list[str], fallback: str) -> 
 
 
 def _check_recipe(job: JobSpec, problems: list[str]) -> None:
-    steps = job.recipe if isinstance(job.recipe, list) or job.recipe.endswith((".yaml", ".yml")) \
-        else split_recipe(job.recipe)
-    if isinstance(steps, list):  # grow the recipe step by step: the first failing prefix names the step
+    if isinstance(job.recipe, list) or not job.recipe.endswith((".yaml", ".yml")):
+        # grow the recipe step by step: the first failing prefix names the step
+        steps = job.recipe if isinstance(job.recipe, list) else split_recipe(job.recipe)
         for i in range(1, len(steps) + 1):
             try:
                 build_recipe(steps[:i], {})
@@ -290,7 +290,7 @@ def _check_recipe(job: JobSpec, problems: list[str]) -> None:
                 problems.append(f"{_blame(job, str(e), keys, f'recipe[{i - 1}]')}: recipe step {i}: {e}")
                 return
     try:
-        built = build_recipe(steps, job.options)
+        built = build_recipe(job.recipe, job.options)
     except (ValueError, FileNotFoundError) as e:
         keys = [p for p in job.source_lines if p.startswith("options.")]
         problems.append(f"{_blame(job, str(e), keys, 'options' if job.options else 'recipe')}: {e}")
