@@ -5,6 +5,7 @@ norms and float weights, bit for bit).
     python benchmarks/codes_digest.py                                   # rtn, gptq, awq, smoothquant+gptq; 32 x 512
     python benchmarks/codes_digest.py --samples 128 --methods gptq --json /tmp/after.json
     python benchmarks/codes_digest.py --compare /tmp/before.json /tmp/after.json
+    python benchmarks/codes_digest.py --methods gptq --pipeline two-pass                  # the two-pass pipeline
 
 Every method runs on the same calibration ids (builtin split, seed 0) with W4 g64 (W8A8 for the
 SmoothQuant recipe); the digest is a sha256 over the state dict (names, dtypes, shapes, bytes) in
@@ -38,6 +39,7 @@ def main() -> int:
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated; join recipe steps with +")
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--pipeline", default="auto", help="auto, sequential, two-pass (the same on both sides of a comparison)")
     p.add_argument("--json", default=None, help="also write {method: digest} here")
     p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="compare two --json files and exit")
     args = p.parse_args()
@@ -59,7 +61,8 @@ def main() -> int:
         steps = method.split("+")
         kw = {} if "smoothquant" in steps else {"bits": 4, "group_size": 64}
         t = time.perf_counter()
-        ptqkit.quantize(model, steps if len(steps) > 1 else method, tokenizer=tok, calibration=calib, **kw)
+        ptqkit.quantize(model, steps if len(steps) > 1 else method, tokenizer=tok, calibration=calib,
+                        pipeline=args.pipeline, **kw)
         out[method] = digest(model)
         print(f"{method:<20} {out[method]}  ({time.perf_counter() - t:.1f} s)", flush=True)
         del model
