@@ -118,10 +118,7 @@ ARCHITECTURES: dict[str, Architecture] = {
 def architecture(model: nn.Module) -> Architecture:
     """The preset for ``model.config.model_type``, else a generic one (blocks found, mappings discovered)."""
     mtype = getattr(getattr(model, "config", None), "model_type", None)
-    if mtype in ARCHITECTURES:
-        return ARCHITECTURES[mtype]
-    path, _ = find_blocks(model)
-    return Architecture(blocks=path)
+    return ARCHITECTURES.get(mtype) or Architecture(blocks=find_blocks(model)[0])
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 import sys
@@ -9,10 +10,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import api, checks, distributed, formats, models
-from .estimate import peak_memory_mb
+import torch
+
+from . import api, checks, distributed, estimate, formats, models, plan
+from .calibration import data, host
+from .config import build_recipe, grid_label
 from .files import check_output
-from .api import load_model
 from .cli_options import _Help, _add_estimate_parser, _add_eval, _add_grid, _add_job_parsers, _add_model, _add_run
 
 log = logging.getLogger("ptqkit")
@@ -23,9 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    fmt = _Help
 
-    q = sub.add_parser("quantize", help="quantize a model, compare it with the original and save it", formatter_class=fmt)
+    q = sub.add_parser("quantize", help="quantize a model, compare it with the original and save it", formatter_class=_Help)
     _add_model(q)
     q.add_argument("--method", default=api.DEFAULT_METHOD,
                    help="algorithm (rtn, gptq, awq, smoothquant), a comma-separated recipe (smoothquant,gptq) "
@@ -50,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-save", action="store_true", help="do not write the quantized model")
     _add_eval(q)
 
-    e = sub.add_parser("eval", help="evaluate a model or a saved quantized model against a baseline", formatter_class=fmt)
+    e = sub.add_parser("eval", help="evaluate a model or a saved quantized model against a baseline", formatter_class=_Help)
     _add_model(e, "model to evaluate (a quantized checkpoint directory too)")
     e.add_argument("--baseline", default=None,
                    help="unquantized reference for delta/KL (default: the model a ptqkit checkpoint was made from)")
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(e)
 
     c = sub.add_parser("compare", help="compare methods x bits x group sizes under one calibration set and protocol",
-                       formatter_class=fmt)
+                       formatter_class=_Help)
     _add_model(c)
     c.add_argument("--methods", default="rtn,gptq",
                    help="comma-separated methods; join a recipe's steps with + (smoothquant+gptq); a method's own "
@@ -112,24 +114,9 @@ def _estimate_kw(args: argparse.Namespace, steps: Any, host_budget: int | None =
     return kw
 
 
-def _shape(model: str) -> Any:
-    """The model's shape from its config alone, or None (no config to read, e.g. a quantized checkpoint)."""
-    from . import estimate
-
-    try:
-        return estimate.ModelShape.from_config(estimate.load_config(model))
-    except (OSError, ValueError) as e:
-        log.info("no model config to check against: %s", e)
-        return None
-
-
 def _memory_check(args: argparse.Namespace, steps: Any, host_budget: int | None, shape: Any) -> int | None:
     """Refuse a run whose estimated peak exceeds free memory (before the model loads); returns the host
     memory for a disk-offloaded model's weights (what the run leaves free, unless given)."""
-    from . import estimate, plan
-
-    if shape is None:  # nothing to estimate from: run anyway
-        return host_budget
     # the unquantized copy kept for the evaluation doubles the model's weights on the host (offloaded: it
     # loads after quantization, when the calibration run's memory is free again)
     extra = 0 if args.no_eval or args.offload_folder else shape.total_params() * 4
@@ -142,12 +129,6 @@ def _memory_check(args: argparse.Namespace, steps: Any, host_budget: int | None,
     return host_budget
 
 
-def _dtype(name: str) -> Any:
-    import torch
-
-    return None if name == "auto" else getattr(torch, name)
-
-
 def _model_name(model: str) -> str:
     """A directory-name form of the model: ``smollm2-135m``, ``org--name``, a path's last part."""
     p = Path(model)
@@ -156,19 +137,15 @@ def _model_name(model: str) -> str:
 
 
 def _check_eval(args: argparse.Namespace) -> None:
-    from .calibration.data import check_source
-
     if args.eval_seqlen < 2:
         raise ValueError(f"--eval-seqlen {args.eval_seqlen}: a window needs at least 2 tokens (one to predict)")
     checks.check_positive(max_eval_windows=args.max_eval_windows)
-    check_source(args.eval_dataset, "--eval-dataset")
+    data.check_source(args.eval_dataset, "--eval-dataset")
 
 
 def _servable_groups(method: Any, options: dict[str, Any], steps: list, shape: Any) -> list:
     """The grid with the default group size, or, when the model's widths are not multiples of it, the largest
     of 128 / 64 / 32 that divides them all (a checkpoint engines read needs whole groups)."""
-    from .config import build_recipe
-
     q = steps[-1].config
     widths = {k for k, _ in shape.linear_shapes().values()}
     if q.activations or q.group_size == -1 or all(k % q.group_size == 0 for k in widths):
@@ -184,22 +161,22 @@ def _servable_groups(method: Any, options: dict[str, Any], steps: list, shape: A
 def _plan(args: argparse.Namespace) -> tuple[Any, dict[str, Any], list, Path, int | None]:
     """Everything that can be checked before the model loads: the recipe and its options, devices, sizes,
     evaluation settings, the output and whether the format can hold the grid, free memory."""
-    from . import estimate
-    from .calibration.data import check_source
-    from .config import build_recipe, grid_label
-
     method, options = args.method, _options(args)
     steps = build_recipe(method, options)
     checks.check_device(args.device)
     checks.check_positive(num_samples=args.num_samples, seqlen=args.seqlen, batch_size=args.batch_size)
     checks.check_ignore(args.ignore or None)
-    check_source(args.calibration, "--calibration")
+    data.check_source(args.calibration, "--calibration")
     if not args.no_eval:
         _check_eval(args)
     if args.max_host_memory is not None and args.offload_folder is None:
         raise ValueError("--max-host-memory needs --offload-folder (the weights that do not fit go there)")
     budget = None if args.max_host_memory is None else estimate.parse_size(args.max_host_memory, "--max-host-memory")
-    shape = _shape(args.model)
+    try:  # the model's shape from its config alone (none to read, e.g. a quantized checkpoint: no checks)
+        shape = estimate.ModelShape.from_config(estimate.load_config(args.model))
+    except (OSError, ValueError) as e:
+        log.info("no model config to check against: %s", e)
+        shape = None
     if shape is not None and args.group_size is None and "group_size" not in options:
         steps = _servable_groups(method, options, steps, shape)
     q = steps[-1].config
@@ -209,29 +186,28 @@ def _plan(args: argparse.Namespace) -> tuple[Any, dict[str, Any], list, Path, in
         check_output(out, args.overwrite, [source] if Path(source).is_dir() else [], "--output")
         if shape is not None:
             formats.check_plan(args.format, q, shape.linear_shapes())
-    if not args.no_memory_check:
+    if not args.no_memory_check and shape is not None:  # no shape: nothing to estimate from, run anyway
         budget = _memory_check(args, steps, budget, shape)
     return method, options, steps, out, budget
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .calibration.data import load_calibration, load_eval_ids
-
     method, options, steps, out, budget = _plan(args)
     main_rank = distributed.env_rank() == 0  # under torchrun only rank 0 evaluates and prints
     times: dict[str, float] = {}
     t = time.perf_counter()
-    model, tok = load_model(args.model, offload_folder=args.offload_folder, max_host_memory=budget)
+    model, tok = api.load_model(args.model, offload_folder=args.offload_folder, max_host_memory=budget)
     times["load"] = time.perf_counter() - t
     evaluate_fp = not args.no_eval and main_rank
     calib = None  # read (and for text: tokenized) before the long part: a bad source fails here
     if any(s.needs_data for s in steps):
-        calib = load_calibration(args.calibration, tok, num_samples=args.num_samples, seqlen=args.seqlen,
-                                 seed=args.seed)
-    eval_ids = load_eval_ids(args.eval_dataset, tok) if evaluate_fp else None
+        calib = data.load_calibration(args.calibration, tok, num_samples=args.num_samples, seqlen=args.seqlen,
+                                      seed=args.seed)
+    eval_ids = data.load_eval_ids(args.eval_dataset, tok) if evaluate_fp else None
     # the unquantized model to compare with: a copy now, or (offloaded) a second offloaded load afterwards
     baseline = copy.deepcopy(model) if evaluate_fp and not args.offload_folder else None
-    disk_dtype = _dtype(args.dtype) or getattr(model, "ptqkit_source_dtype", None)  # sizes as written
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    disk_dtype = dtype or getattr(model, "ptqkit_source_dtype", None)  # sizes as written
     size_fp = api.model_size_mb(model, disk_dtype)
     t = time.perf_counter()
     api.quantize(model, method, tokenizer=tok, calibration=calib, seed=args.seed, ignore=args.ignore or None,
@@ -241,8 +217,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     times["quantize"] = time.perf_counter() - t
     model.ptqkit_info["model"] = args.model
     if evaluate_fp and args.offload_folder:
-        baseline, _ = load_model(args.model, offload_folder=Path(args.offload_folder) / "baseline",
-                                 max_host_memory=budget)
+        baseline, _ = api.load_model(args.model, offload_folder=Path(args.offload_folder) / "baseline",
+                                     max_host_memory=budget)
     rep = None
     if baseline is not None:
         from .evaluation import evaluate
@@ -257,10 +233,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if main_rank:
         print(_table(rep, times, size_fp, api.model_size_mb(model, disk_dtype),
                      model.ptqkit_info["coverage"]["quantized_share"]))
-        print("peak memory (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in peak_memory_mb().items()))
+        print("peak memory (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in estimate.peak_memory_mb().items()))
     if not args.no_save:  # rank 0 writes, the report in the same atomic write; the others wait at save's barrier
         api.save(model, out, format=args.format, tokenizer=tok, report=rep, overwrite=args.overwrite,
-                 dtype=_dtype(args.dtype))
+                 dtype=dtype)
         if main_rank:
             print(f"saved to {out} ({formats.served_by(model, out)}; docs/serving.md); ptqkit.load({str(out)!r}) reads it")
     return 0
@@ -270,7 +246,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
 
     _check_eval(args)
-    model, tok = load_model(args.model)
+    model, tok = api.load_model(args.model)
     info = getattr(model, "ptqkit_info", None) or {}
     rep = evaluate(model, tok, baseline=args.baseline or info.get("model"), dataset=args.eval_dataset,
                    seqlen=args.eval_seqlen, max_windows=args.max_eval_windows)
@@ -282,10 +258,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from . import jobs
-    from .calibration.data import check_source
 
     checks.check_device(args.device)
-    check_source(args.calibration, "--calibration")
+    data.check_source(args.calibration, "--calibration")
     _check_eval(args)
 
     cal = jobs.CalibrationSpec(args.calibration, args.num_samples, args.seqlen, args.seed)
@@ -316,8 +291,6 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from . import estimate, plan
-    from .config import build_recipe
     from .jobs.spec import parse_options
 
     budget = None if args.max_host_memory is None else estimate.parse_size(args.max_host_memory, "--max-host-memory")
@@ -368,12 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entry() -> None:
     """The ``ptqkit`` command: tunes its own process (jemalloc where installed, else one glibc arena; huge pages:
     ``calibration/host.py``), then runs."""
-    from .calibration import host
-
-    try:
+    with contextlib.suppress(ValueError):  # a bad PTQKIT_MALLOC_TUNE: main() reports it, after --help had its chance
         host.tune_command()
-    except ValueError:  # a bad PTQKIT_MALLOC_TUNE: main() reports it, after --help had its chance
-        pass
     sys.exit(main())
 
 

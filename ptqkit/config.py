@@ -67,15 +67,10 @@ def _normalize(method: MethodSpec) -> tuple[list[dict], dict[str, Any]]:
         return [{"method": m} for m in split_recipe(method) or [method]], {}
     if not isinstance(method, (list, tuple)) or not method:
         raise ValueError(f"method must be a name, a YAML path or a non-empty list of steps, got {method!r}")
-    steps = []
     for i, s in enumerate(method):
-        if isinstance(s, str):
-            steps.append({"method": s})
-        elif isinstance(s, dict) and isinstance(s.get("method"), str):
-            steps.append(dict(s))
-        else:
+        if not (isinstance(s, str) or isinstance(s, dict) and isinstance(s.get("method"), str)):
             raise ValueError(f"recipe step {i}: expected a method name or a dict with a 'method' key, got {s!r}")
-    return steps, {}
+    return [{"method": s} if isinstance(s, str) else dict(s) for s in method], {}
 
 
 def build_recipe(method: MethodSpec, options: dict[str, Any] | None = None) -> list[Algorithm]:

@@ -26,7 +26,6 @@ memory and names the knobs that would make a run fit.
 from __future__ import annotations
 
 import gc
-import logging
 import re
 import threading
 from dataclasses import dataclass
@@ -35,8 +34,6 @@ from typing import Any
 import torch
 
 from .checks import check_positive
-
-log = logging.getLogger(__name__)
 
 GIB = 2**30
 #: CPU runs (measured with one malloc arena and a fixed 1 MiB mmap threshold: the live set, as freed memory

@@ -53,8 +53,7 @@ class Experts(nn.ModuleList):
     def unfuse(cls, fused_module: nn.Module, names: tuple[str, str, str]) -> "Experts":
         """The per-expert form of a transformers fused-experts module (the weights are shared, not copied)."""
         gu, d = fused_module.gate_up_proj, fused_module.down_proj       # [E, 2I, H], [E, H, I]
-        n_exp, two_i, h = gu.shape
-        inter = two_i // 2
+        inter = gu.shape[1] // 2
 
         def linear(w: torch.Tensor) -> nn.Linear:                        # w [out, in], a view of the fused weight
             lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta", dtype=w.dtype)
@@ -62,7 +61,7 @@ class Experts(nn.ModuleList):
             return lin
 
         experts = [Expert(names, linear(gu[e, :inter]), linear(gu[e, inter:]), linear(d[e]), fused_module.act_fn)
-                   for e in range(n_exp)]
+                   for e in range(gu.shape[0])]
         return cls(experts)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

@@ -60,7 +60,7 @@ def check_output(path: str | os.PathLike, overwrite: bool = False, inputs: Itera
         src = Path(src).expanduser().resolve()
         if out == src or src in out.parents or out in src.parents:
             raise ValueError(f"{what} {path} is or contains the input model {src}: write somewhere else")
-    if out.is_file() or (out.exists() and not out.is_dir()):
+    if out.exists() and not out.is_dir():
         raise ValueError(f"{what} {path} is an existing file: give a directory path")
     if out.is_dir() and any(out.iterdir()):
         if not any((out / m).is_file() for m in MARKERS):
@@ -163,13 +163,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if not final.exists():
             os.replace(tmp, final)
-        elif _exchange(tmp, final):  # tmp now holds the old content
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
+        elif not _exchange(tmp, final):  # exchanged: tmp holds the old content, removed below
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)

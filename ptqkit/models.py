@@ -26,10 +26,8 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # ---------------------------------------------------------------- loading
 def cache_dir() -> Path:
     """``$PTQKIT_CACHE``, else ``$XDG_CACHE_HOME/ptqkit``, else ``~/.cache/ptqkit``."""
-    if os.environ.get("PTQKIT_CACHE"):
-        return Path(os.environ["PTQKIT_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ptqkit"
+    return Path(os.environ.get("PTQKIT_CACHE") or os.path.join(base, "ptqkit"))
 
 
 def default_gguf() -> Path:
@@ -71,14 +69,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
             if not (out / "config.json").is_file():  # not a concurrent conversion that finished first
                 raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _gguf_cache_path(gguf: Path) -> Path:
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}:3".encode()).hexdigest()[:12]
-    return cache_dir() / f"{gguf.stem}-{key}"
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
@@ -90,7 +81,9 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     if p.suffix == ".gguf":
         if not p.is_file():
             raise FileNotFoundError(f"GGUF file {name} does not exist")
-        out = _gguf_cache_path(p)
+        st = p.stat()
+        key = hashlib.sha256(f"{p.resolve()}:{st.st_size}:{int(st.st_mtime)}:3".encode()).hexdigest()[:12]
+        out = cache_dir() / f"{p.stem}-{key}"
         if not (out / "config.json").is_file():
             _convert_gguf(p, out)
         return str(out)
@@ -161,10 +154,7 @@ def check_weight_files(path: str | os.PathLike) -> None:
     download fails here, naming the file, before anything loads)."""
     from safetensors import SafetensorError, safe_open
 
-    p = Path(path)
-    if not p.is_dir():
-        return
-    for f in sorted(p.glob("*.safetensors")):
+    for f in sorted(Path(path).glob("*.safetensors")):  # nothing for a hub id
         try:
             with safe_open(str(f), "pt") as sf:
                 sf.keys()

@@ -48,8 +48,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return out
     k, n = codes.shape
     units = (k + 31) // 32
-    c = torch.zeros(units * 32, n, dtype=torch.int64, device=codes.device)
-    c[:k] = codes.to(torch.int64) & ((1 << bits) - 1)
+    c = torch.nn.functional.pad(codes.to(torch.int64) & ((1 << bits) - 1), (0, 0, 0, units * 32 - k))
     c = c.view(units, 32, n)                                       # [U, 32, N]
     out = torch.zeros(units, bits, n, dtype=torch.int64, device=codes.device)  # [U, bits, N]
     for i, (word, shift, spill) in enumerate(_positions(bits)):

@@ -108,8 +108,7 @@ def find_qparams(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.
 
 def grouped(w: torch.Tensor, group_len: int) -> torch.Tensor:
     """``[..., N, K]`` -> ``[..., N, G, g]``, zero-padding a ragged last group (zeros are exact)."""
-    k = w.shape[-1]
-    pad = num_groups(k, group_len) * group_len - k
+    pad = -w.shape[-1] % group_len                                 # ceil(K / g) * g - K
     if pad:
         w = torch.nn.functional.pad(w, (0, pad))
     return w.reshape(*w.shape[:-1], w.shape[-1] // group_len, group_len)  # [..., N, G*g] -> [..., N, G, g]

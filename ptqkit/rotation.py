@@ -25,10 +25,6 @@ from .architectures import ARCHITECTURES, Rotation, architecture, find_blocks, r
 log = logging.getLogger(__name__)
 
 
-def _is_prime(p: int) -> bool:
-    return p > 1 and all(p % d for d in range(2, int(math.isqrt(p)) + 1))
-
-
 def _paley(q: int) -> torch.Tensor:
     """Paley's construction I: a Hadamard matrix of order ``q + 1`` for a prime ``q ≡ 3 (mod 4)``."""
     residues = {(i * i) % q for i in range(1, q)}
@@ -50,9 +46,10 @@ def _hadamard(n: int) -> torch.Tensor | None:
         return None
     if n % 2 == 0 and (h := _hadamard(n // 2)) is not None:
         return torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64), h)
-    for m in range(4, n + 1, 4):
-        if n % m == 0 and (m - 1) % 4 == 3 and _is_prime(m - 1) and (h := _hadamard(n // m)) is not None:
-            return torch.kron(_paley(m - 1), h)
+    for q in range(3, n, 4):  # Paley blocks of order q + 1, q a prime ≡ 3 (mod 4)
+        if (n % (q + 1) == 0 and all(q % d for d in range(2, math.isqrt(q) + 1))
+                and (h := _hadamard(n // (q + 1))) is not None):
+            return torch.kron(_paley(q), h)
     return None
 
 

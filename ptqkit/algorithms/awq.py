@@ -81,16 +81,14 @@ class _Inputs:
     gen: torch.Generator
     seconds: float = 0.0
     abs_sum: torch.Tensor | None = None   # [K] float64, sum of |x| over all tokens
-    count: int = 0
+    count: int = 0                        # tokens seen (abs_sum's and gram's)
     gram: torch.Tensor | None = None      # [K, K] float32, sum of x xᵀ over sampled tokens
-    gram_count: int = 0
     rows: torch.Tensor | None = None      # [≤ keep + 1, K] tokens of the highest priorities so far
     weight: torch.Tensor | None = None    # [≤ keep + 1] their ||x||²
     prio: torch.Tensor | None = None      # [≤ keep + 1] their priorities ||x||² / u
 
     def add(self, x: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        n_gram, keep = self.n_gram, self.keep
         flat = x.detach().reshape(-1, x.shape[-1])                   # [b, L, K] -> [T, K]
         s = flat.abs().sum(0, dtype=torch.float32).double()
         self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
@@ -98,17 +96,16 @@ class _Inputs:
         w = flat.float().pow(2).sum(1)                               # [T] token energy ||x||²
         u = 1.0 - torch.rand(w.shape[0], generator=self.gen).to(w.device)  # (0, 1]
         # Gram of this batch from n_gram tokens, unbiased (priority sampling), or of all tokens
-        idx, c = am.priority_sample(w, w.numel() if n_gram is None else n_gram, u)
+        idx, c = am.priority_sample(w, w.numel() if self.n_gram is None else self.n_gram, u)
         rows = flat[idx].float()
         g = (rows * c[:, None]).T @ rows
         self.gram = g if self.gram is None else self.gram + g
-        self.gram_count += flat.shape[0]
         # one priority sample across all batches: keep the keep + 1 highest priorities
-        top = (w / u.clamp(min=1e-12)).topk(min(keep + 1, w.numel()))
+        top = (w / u.clamp(min=1e-12)).topk(min(self.keep + 1, w.numel()))
         rows, wt, prio = flat[top.indices].float(), w[top.indices], top.values
         if self.rows is not None:
             rows, wt, prio = torch.cat([self.rows, rows]), torch.cat([self.weight, wt]), torch.cat([self.prio, prio])
-            best = prio.topk(min(keep + 1, prio.numel())).indices
+            best = prio.topk(min(self.keep + 1, prio.numel())).indices
             rows, wt, prio = rows[best], wt[best], prio[best]
         self.rows, self.weight, self.prio = rows, wt, prio
         self.seconds += time.perf_counter() - t0
@@ -134,7 +131,6 @@ class _Inputs:
         out.abs_sum = sum(st.abs_sum for st in distinct)
         out.count = sum(st.count for st in distinct)
         out.gram = sum(st.gram for st in distinct)
-        out.gram_count = sum(st.gram_count for st in distinct)
         prio = torch.cat([st.prio for st in distinct])
         best = prio.topk(min(first.keep + 1, prio.numel())).indices
         out.rows = torch.cat([st.rows for st in distinct])[best]
@@ -143,7 +139,7 @@ class _Inputs:
 
     @property
     def sigma(self) -> torch.Tensor:
-        return self.gram / self.gram_count
+        return self.gram / self.count
 
     def rescale(self, s: torch.Tensor) -> None:
         """The inputs became ``x / s`` (a scale was folded into the linears reading them)."""
@@ -168,8 +164,7 @@ class _Fold:
         if self.heads is None:
             return s
         kv, rep, hd = self.heads
-        lead = s.shape[:-1]
-        return s.reshape(*lead, kv, 1, hd).expand(*lead, kv, rep, hd).reshape(*lead, kv * rep * hd)
+        return s.unflatten(-1, (kv, hd)).repeat_interleave(rep, dim=-2).flatten(-2)
 
     def tie(self, v: torch.Tensor) -> torch.Tensor:
         """Per-input-channel statistic ``[K]`` -> ``[P]`` (mean over the query heads of a kv head)."""
@@ -339,16 +334,13 @@ class AWQ(Transform):
             losses = self._module_losses(block, fold, cands, ctx, captured[fold.inspect])
         losses = torch.nan_to_num(losses, nan=float("inf"))
         best = int(torch.argmin(losses))
-        self._fold(block, fold, cands_p[best], cands[best], ctx)
+        # prev's output divided, the linears' input columns multiplied; their inputs' statistics follow
+        fold_scales(block.get_submodule(fold.prev), [block.get_submodule(n) for n in fold.linears], cands[best],
+                    fold.norm_offset, cands_p[best])
+        for reader in {id(r): r for r in (ctx.stats.get(n) for n in fold.linears) if r is not None}.values():
+            reader.rescale(cands[best])
         return {"prev": fold.prev, "linears": fold.linears, "alpha": best / cfg.n_grid,
                 "loss": float(losses[best]), "losses": [float(v) for v in losses]}
-
-    def _fold(self, block: nn.Module, fold: _Fold, s_prev: torch.Tensor, s: torch.Tensor, ctx: Any) -> None:
-        """Divide prev's output by ``s_prev`` and multiply the linears' input columns by ``s``."""
-        fold_scales(block.get_submodule(fold.prev), [block.get_submodule(n) for n in fold.linears], s,
-                    fold.norm_offset, s_prev)
-        for st in {id(st): st for st in (ctx.stats.get(n) for n in fold.linears) if st is not None}.values():
-            st.rescale(s)
 
     # ------------------------------------------------------------------ clip search
     def _clip(self, ctx: Any) -> dict[str, float]:
@@ -370,7 +362,7 @@ class AWQ(Transform):
         return out
 
     def _all_reduce(self, ctx: Any) -> None:
-        """Data-parallel hook: mean |x| and Gram sums with their token counts summed over ranks, one
+        """Data-parallel hook: mean |x| and Gram sums with their token count summed over ranks, one
         linear input at a time in the order of ``ctx.linears`` (the same on every rank). The
         sampled rows stay local: their losses are summed in ``_module_losses``."""
         if not distributed.is_distributed():
@@ -382,11 +374,10 @@ class AWQ(Transform):
                 continue
             done.add(id(st))
             k, dev = lin.in_features, lin.weight.device
-            counts = distributed.all_reduce_(torch.tensor([float(st.count), float(st.gram_count)], dtype=torch.float64))
+            st.count = int(distributed.all_reduce_float(st.count))
             st.abs_sum = distributed.all_reduce_(
                 torch.zeros(k, dtype=torch.float64, device=dev) if st.abs_sum is None else st.abs_sum)
             st.gram = distributed.all_reduce_(torch.zeros(k, k, device=dev) if st.gram is None else st.gram)
-            st.count, st.gram_count = int(counts[0]), int(counts[1])
         for rel in [r for r, st in ctx.stats.items() if st.count == 0]:  # no rank saw this input
             del ctx.stats[rel]
 

@@ -13,25 +13,12 @@ the running Hessian it is given) and works on any device; the wiring lives in ``
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
 from ..checks import all_finite
 from ..quant import QuantArgs, find_qparams, group_view, num_groups, qparams_from_range
-
-
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch ops on one intra-op thread inside the block (restored after)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 class CholeskyError(RuntimeError):
@@ -50,8 +37,6 @@ def input_gram(x: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, int]:
     """
     x = x.reshape(-1, x.shape[-1]).float()                        # [n, K]
     k = x.shape[1]
-    if k <= chunk:
-        return x.t() @ x, x.shape[0]
     gram = torch.empty(k, k, dtype=x.dtype, device=x.device)
     for i in range(0, k, chunk):
         strip = x[:, i:i + chunk].t() @ x[:, i:]                  # [c, K - i]: rows i..i+c, upper part
@@ -248,13 +233,17 @@ def gptq_columns(
     unit = upper.float() / diag[:, None]                            # rows of U scaled to a unit diagonal
     inv_d2 = diag.pow(-2)                                           # 1/[H⁻¹]_jj: GPTQ loss weight per column
     loss = 0.0
-    with single_thread():  # tiny, latency-bound ops: thread fork/join would cost more than the math
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny, latency-bound ops: thread fork/join would cost more than the math
+    try:
         for i1 in range(0, k, block_size):
             i2 = min(i1 + block_size, k)
             err1 = _quantize_block(wt, codes, unit, inv_d2, qp, groups, i1, i2, g, args, mse_weighting)
             loss += float((err1.double() / diag[i1:i2, None].double()).pow(2).sum()) / 2   # Σ (w−q)²/d² / 2
             if i2 < k:
                 wt[i2:].addmm_(unit[i1:i2, i2:].t(), err1, alpha=-1.0)           # lazy update of later blocks
+    finally:
+        torch.set_num_threads(threads)
     codes_u8 = codes.t().to(torch.uint8)                                         # [N, K]
     if groups is None:
         return codes_u8, None, None, loss

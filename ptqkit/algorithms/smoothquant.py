@@ -235,8 +235,7 @@ class SmoothQuant(Transform):
     def at_barrier(self, ctx: Any, barrier: Barrier) -> torch.Tensor | None:
         """Smooth the mapping that ``barrier.name`` is the first reader of, from the held inputs."""
         act_max = torch.stack([channel_absmax(x) for x in barrier.inputs]).amax(dim=0)
-        if distributed.is_distributed():  # data-parallel hook: the maxima over every rank's tokens
-            act_max = distributed.all_reduce_(act_max.clone(), "max")
+        distributed.all_reduce_(act_max, "max")  # data-parallel hook: the maxima over every rank's tokens
         m = next((m for m in self._maps if barrier.name in m.linears and m.prev not in self._in_pass_done), None)
         g = None
         if m is not None:

@@ -131,10 +131,8 @@ def _hub_texts(name: str, split: Literal["calibration", "evaluation"]) -> list[s
     elif name == "c4":
         shard = "en/c4-train.00000-of-01024.json.gz" if calib else "en/c4-validation.00000-of-00008.json.gz"
         args = {"path": "allenai/c4", "data_files": {"data": shard}, "split": "data"}
-    elif name == "pile-val":
+    else:  # pile-val, the last of HUB_SOURCES (the only names _texts hands over)
         args = {"path": "mit-han-lab/pile-val-backup", "split": "validation"}
-    else:
-        raise ValueError(f"unknown hub dataset {name!r}: use one of {HUB_SOURCES}")
     try:
         ds = datasets.load_dataset(**args)
     except (ConnectionError, FileNotFoundError, HfHubHTTPError) as e:  # offline, unreachable, not found, gated
@@ -237,14 +235,13 @@ def _tokenize(source: str | os.PathLike | Sequence[str], tokenizer: Any,
     return ids, desc
 
 
-def _check_ids(ids: Any, ndim: int, what: str) -> torch.Tensor:
-    if not isinstance(ids, torch.Tensor) or ids.dim() != ndim:
-        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+def _check_ids(ids: torch.Tensor, ndim: int, what: str) -> torch.Tensor:
+    if ids.dim() != ndim:
         want = "[N, L]" if ndim == 2 else "[T]"
-        raise ValueError(f"{what} token ids must be a {ndim}-D tensor {want}, got {shape}")
+        raise ValueError(f"{what} token ids must be a {ndim}-D tensor {want}, got {tuple(ids.shape)}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise ValueError(f"{what} token ids must be integers, got dtype {ids.dtype}")
-    if ids.numel() == 0 or ids.shape[0] < 1:
+    if ids.numel() == 0:
         raise ValueError(f"{what} token ids are empty: got shape {tuple(ids.shape)}")
     if int(ids.min()) < 0:
         raise ValueError(f"{what} token ids must be non-negative, found {int(ids.min())}")

@@ -210,16 +210,12 @@ def trim_barriers(run_bytes: int | None, free_bytes: int) -> Callable[[], None] 
 WeightsMaps = dict[nn.Module, Mapping[str, torch.Tensor]]
 
 
-def _offloaded(module: nn.Module) -> bool:
-    hook = getattr(module, "_hf_hook", None)
-    return hook is not None and getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None
-
-
 def detach_offload(model: nn.Module, blocks: nn.ModuleList) -> WeightsMaps:
     """Take an accelerate-offloaded ``model`` off its hooks; returns the weights maps of the modules
     whose parameters are still on ``meta`` (inside decoder blocks). Modules outside the blocks are read
     into host memory now. A model without offloaded modules is left as it is (returns ``{}``)."""
-    maps = {m: m._hf_hook.weights_map for m in model.modules() if _offloaded(m)}
+    hooks = [(m, getattr(m, "_hf_hook", None)) for m in model.modules()]
+    maps = {m: h.weights_map for m, h in hooks if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None}
     if not maps:
         meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
         if meta:

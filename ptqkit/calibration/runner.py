@@ -34,7 +34,7 @@ from .. import distributed, estimate, plan
 from ..algorithms.base import Algorithm, BlockContext, Quantizer, Transform
 from ..checks import check_finite
 from ..experts import Experts
-from ..architectures import architecture, find_blocks, find_linears, prepare_block
+from ..architectures import Architecture, architecture, find_blocks, find_linears, prepare_block
 from . import host
 from .data import CalibrationSet
 from .sequencer import fp_inputs, observe_pass, output_slots, quantize_pass
@@ -108,7 +108,7 @@ def _check(steps: Sequence[Algorithm], calib: CalibrationSet | None, pipeline: s
     *transforms, quantizer = steps
     if not isinstance(quantizer, Quantizer) or not all(isinstance(t, Transform) for t in transforms):
         raise ValueError("a recipe is transforms followed by exactly one quantizer")
-    if pipeline == "fp-outputs" and (quantizer.needs_data or not any(not t.whole_model for t in transforms)):
+    if pipeline == "fp-outputs" and (quantizer.needs_data or all(t.whole_model for t in transforms)):
         raise ValueError(
             f"pipeline='fp-outputs' propagates the fp outputs of a transform's observe pass and needs a "
             f"data-free quantizer after it (AWQ or SmoothQuant then RTN); {[s.name for s in steps]} is not: "
@@ -190,11 +190,9 @@ def _trimmer(shape: estimate.ModelShape | None, kw: dict[str, Any], pipeline: st
     return fn
 
 
-def _data_free(model: nn.Module, quantizer: Quantizer, ignore: list[str] | None,
+def _data_free(path: str, blocks: nn.ModuleList, arch: Architecture, quantizer: Quantizer, ignore: list[str] | None,
                offloaded: host.WeightsMaps | None) -> None:
     """Quantize every linear of the decoder blocks without calibration data (RTN)."""
-    path, blocks = find_blocks(model)
-    arch = architecture(model)
     for i, block in enumerate(tqdm(blocks, desc=f"{quantizer.name}: blocks", unit="block")):
         prefix = f"{path}.{i}."
         if offloaded:
@@ -231,13 +229,13 @@ def run(model: nn.Module, calib: CalibrationSet | None, steps: Sequence[Algorith
     t0 = time.perf_counter()
     # e.g. a rotation: it makes the model every block is then calibrated in
     done = {t.name: t.prepare_model(model) for t in steps[:-1] if t.whole_model}
-    path, blocks = find_blocks(model)
+    (path, blocks), arch = find_blocks(model), architecture(model)
     offloaded = host.detach_offload(model, blocks)
     home = torch.device("cpu") if offloaded else next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     info: dict[str, Any] = {"blocks": [], "pipeline": pipeline, "disk_offload": bool(offloaded), "whole_model": done}
     if not any(s.needs_data for s in steps):
-        _data_free(model, steps[-1], ignore, offloaded)
+        _data_free(path, blocks, arch, steps[-1], ignore, offloaded)
         info["quantize_s"] = time.perf_counter() - t0
         return info
     calib, device = _shard(calib, device, info)
@@ -245,7 +243,7 @@ def run(model: nn.Module, calib: CalibrationSet | None, steps: Sequence[Algorith
     if pipeline == "auto":
         pipeline, offload_activations = _auto(shape, est_kw, device, offload_activations)
     info.update(pipeline=pipeline, offload_activations=offload_activations)
-    arch, store = architecture(model), torch.device("cpu") if offload_activations else device
+    store = torch.device("cpu") if offload_activations else device
     inputs, kwargs = capture_inputs(model, calib, path, device, batch_size, store)
     info["capture_s"] = time.perf_counter() - t0
     fp = [inputs] if getattr(steps[-1].config, "gptaq", False) else None  # the fp model's own stream

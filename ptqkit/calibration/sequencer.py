@@ -111,26 +111,23 @@ class Wrapped(nn.Module):
 class Sequencer:
     """Batch threads that pause at every wrapped linear (see the module docstring)."""
 
-    def __init__(self, quantizer: Quantizer, ctx: BlockContext, in_pass: Sequence[Transform] = (),
+    def __init__(self, quantizer: Quantizer, ctx: BlockContext, block: nn.Module, prefix: str,
+                 linears: dict[str, nn.Module], in_pass: Sequence[Transform] = (),
                  on_barrier: Callable[[], None] | None = None) -> None:
+        """Puts stand-ins in place of ``linears`` (short names) in ``block``."""
         self.q, self.ctx, self.in_pass = quantizer, ctx, tuple(in_pass)
         self.on_barrier = on_barrier
         self.n = len(ctx.inputs)
-        self.block: nn.Module | None = None
-        self.wrapped: dict[str, Wrapped] = {}
+        self.block: nn.Module | None = block
+        self.wrapped = {name: Wrapped(prefix + name, name, m, self) for name, m in linears.items()}
+        for name, w in self.wrapped.items():
+            block.set_submodule(name, w)
         self.current: dict[int, _Input] = {}      # batch -> its current linear input (the shared-input cache)
         self.waiting: dict[Wrapped, list[tuple[int, torch.Tensor]]] = {}
         self.cond = threading.Condition()
         self.running = 0
         self.local = threading.local()            # .batch: the calibration batch this thread runs
         self.error: BaseException | None = None
-
-    def wrap(self, block: nn.Module, prefix: str, linears: dict[str, nn.Module]) -> None:
-        """Put stand-ins in place of ``linears`` (short names) in ``block``."""
-        self.block = block
-        self.wrapped = {name: Wrapped(prefix + name, name, m, self) for name, m in linears.items()}
-        for name, w in self.wrapped.items():
-            block.set_submodule(name, w)
 
     def unwrap(self) -> None:
         """Put each linear's final (quantized) module in place of its stand-in."""
@@ -149,16 +146,13 @@ class Sequencer:
         if w is not None and w.final is not w.inner:
             divide_rows_(w.final, s)
 
-    def _shared(self, arrivals: list[tuple[int, torch.Tensor]]) -> _Input | None:
-        """The common current input of these batches when each hands over that very tensor again."""
+    def _stats(self, w: Wrapped, arrivals: list[tuple[int, torch.Tensor]]) -> Any:
+        """The statistics of ``w``'s input: the batches' common current one when each hands over that very tensor
+        again; otherwise a new input: in-pass folds, then every batch's (divided) input into fresh statistics."""
         cur = [self.current.get(b) for b, _ in arrivals]
         if all(c is not None and c.raw is x for c, (_, x) in zip(cur, arrivals)) and \
                 len({id(c.stats) for c in cur}) == 1:
-            return cur[0]
-        return None
-
-    def _new_input(self, w: Wrapped, arrivals: list[tuple[int, torch.Tensor]]) -> Any:
-        """A new input: in-pass folds, then every batch's (divided) input into fresh statistics."""
+            return cur[0].stats
         s = None
         barrier = Barrier(w.short, [x for _, x in arrivals], self._module, self._divide_rows)
         for t in self.in_pass:
@@ -183,8 +177,7 @@ class Sequencer:
             # batch order, not arrival order: fp32 statistics (Hessian sums) are bit-identical run to run
             arrivals.sort(key=lambda item: item[0])
             count_tokens(self.q, w.name, [x for _, x in arrivals])
-            shared = self._shared(arrivals)
-            w.quantize(shared.stats if shared is not None else self._new_input(w, arrivals))
+            w.quantize(self._stats(w, arrivals))
         # the woken threads count as running from now on, before they get the lock back
         self.running += sum(len(arrivals) for arrivals in self.waiting.values())
         self.waiting.clear()
@@ -226,8 +219,7 @@ class Sequencer:
                     self.cond.notify_all()
 
         if count == 1:
-            for i in range(count):
-                work(i)
+            work(0)
         else:
             with self.cond:  # start all threads before any runs, so barriers count them all
                 threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(count)]
@@ -260,20 +252,18 @@ def observe_pass(step: Algorithm, block: nn.Module, linears: dict[str, nn.Module
     calls = dict.fromkeys(linears, 0)  # the batch each linear sees next
     targets = ctx.targets if ctx is not None else None
 
-    def hook(name: str) -> Callable:
-        def fn(mod: nn.Module, args: tuple) -> None:
-            x, b = args[0], calls[name]
-            calls[name] += 1
-            if ctx is not None:
-                count_tokens(step, f"{ctx.prefix}.{name}", [x])
-            if last[0] is not x:
-                last[:] = [x, stats[name] if name in stats else step.new_stats()]
-                if last[1] is not None:
-                    add_input(last[1], x, targets, name, b)
-            stats.setdefault(name, last[1])
-        return fn
+    def hook(name: str, x: torch.Tensor) -> None:
+        b = calls[name]
+        calls[name] += 1
+        if ctx is not None:
+            count_tokens(step, f"{ctx.prefix}.{name}", [x])
+        if last[0] is not x:
+            last[:] = [x, stats[name] if name in stats else step.new_stats()]
+            if last[1] is not None:
+                add_input(last[1], x, targets, name, b)
+        stats.setdefault(name, last[1])
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: hook(n, a[0])) for n, m in linears.items()]
     try:
         with torch.no_grad():
             outs = forward()
@@ -334,8 +324,7 @@ def quantize_pass(q: Quantizer, block: nn.Module, prefix: str, linears: dict[str
 
     batches = range(len(ctx.inputs))
     stats = observe_pass(q, block, linears, lambda: [fwd(i) for i in batches], ctx)[1] if two_pass else {}
-    seq = Sequencer(q, ctx, in_pass=in_pass, on_barrier=on_barrier)
-    seq.wrap(block, prefix, linears)
+    seq = Sequencer(q, ctx, block, prefix, linears, in_pass=in_pass, on_barrier=on_barrier)
     try:
         if two_pass:
             for w in seq.wrapped.values():

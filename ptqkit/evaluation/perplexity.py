@@ -25,16 +25,12 @@ log = logging.getLogger(__name__)
 CHUNK = 256  # positions per log-softmax chunk: 256 x 49152 fp32 = 50 MB per tensor
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    # a disk-offloaded (accelerate) model has meta parameters; its hooks move inputs where they compute
-    param = next((p for p in model.parameters() if p.device.type != "meta"), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def _timed_logits(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Logits ``[1, L, V]`` of a HF-style causal LM (or a module returning logits), and the seconds it took."""
     start = time.perf_counter()
-    ids = ids.to(_device_of(model))
+    # a disk-offloaded (accelerate) model has meta parameters; its hooks move inputs where they compute
+    param = next((p for p in model.parameters() if p.device.type != "meta"), None)
+    ids = ids.to(param.device if param is not None else "cpu")
     kwargs = {"use_cache": False} if hasattr(model, "config") else {}
     logits = model(ids, **kwargs)
     if not isinstance(logits, torch.Tensor):

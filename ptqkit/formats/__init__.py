@@ -29,25 +29,22 @@ import torch
 from torch import nn
 
 from ..files import check_output
-from . import awq, compressed_tensors, gptq, serving
+from . import awq, compressed_tensors, gptq, native, serving
 from ..layers import QuantLinear, QuantLinearW8A8
-from .awq import load_awq, save_awq
 from .common import REPORT_FILE, has_quant_method, quant_layers
-from .compressed_tensors import load_compressed_tensors, save_compressed_tensors
-from .gptq import load_gptq, save_gptq
-from .native import QUANT_FILE, load_native, save_native
+from .native import QUANT_FILE
 
 SAVERS: dict[str, Callable[..., Path]] = {
-    "native": save_native,
-    "gptq": save_gptq,
-    "awq": save_awq,
-    "compressed-tensors": save_compressed_tensors,
+    "native": native.save_native,
+    "gptq": gptq.save_gptq,
+    "awq": awq.save_awq,
+    "compressed-tensors": compressed_tensors.save_compressed_tensors,
 }
 LOADERS: list[tuple[str, Callable[[Path], bool], Callable[..., nn.Module]]] = [
-    ("native", lambda p: (p / QUANT_FILE).is_file(), load_native),
-    ("gptq", lambda p: has_quant_method(p, "gptq"), load_gptq),
-    ("awq", lambda p: has_quant_method(p, "awq"), load_awq),
-    ("compressed-tensors", lambda p: has_quant_method(p, "compressed-tensors"), load_compressed_tensors),
+    ("native", lambda p: (p / QUANT_FILE).is_file(), native.load_native),
+    ("gptq", lambda p: has_quant_method(p, "gptq"), gptq.load_gptq),
+    ("awq", lambda p: has_quant_method(p, "awq"), awq.load_awq),
+    ("compressed-tensors", lambda p: has_quant_method(p, "compressed-tensors"), compressed_tensors.load_compressed_tensors),
 ]
 _ALIASES = {"ct": "compressed-tensors", "compressed_tensors": "compressed-tensors", "ptqkit": "native"}
 FORMATS = ["auto", *SAVERS]  # what --format offers: auto first

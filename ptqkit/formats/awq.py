@@ -90,11 +90,6 @@ def check_layer(name: str, m: nn.Module, group_size: int) -> None:
     refuse_grouped_act_order("awq", name, m, "AWQ has no g_idx")
 
 
-def awq_config(group_size: int, skipped: list[str]) -> dict[str, Any]:
-    return {"quant_method": "awq", "bits": BITS, "group_size": group_size, "zero_point": True,
-            "version": "gemm", "modules_to_not_convert": skipped or None}
-
-
 def save_awq(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, report: Any = None,
              dtype: torch.dtype | None = None, max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
     """Write ``model`` as an AWQ GEMM checkpoint. ``dtype`` (e.g. ``torch.float16``, AWQ's usual)
@@ -104,8 +99,9 @@ def save_awq(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, r
     for name, m in layers.items():
         check_layer(name, m, group_size)
     tensors = checkpoint_tensors(model, layers, lambda name, m: to_awq(m))
-    out = write_checkpoint(path, model, tensors, "awq", tokenizer, report, max_shard_size,
-                           awq_config(group_size, skipped_block_linears(model)), dtype)
+    qcfg = {"quant_method": "awq", "bits": BITS, "group_size": group_size, "zero_point": True, "version": "gemm",
+            "modules_to_not_convert": skipped_block_linears(model) or None}
+    out = write_checkpoint(path, model, tensors, "awq", tokenizer, report, max_shard_size, qcfg, dtype)
     log.info("saved %d AWQ GEMM layers (4-bit, group %d) to %s", len(layers), group_size, out)
     return out
 

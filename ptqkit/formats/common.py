@@ -58,10 +58,7 @@ def load_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         index = read_json(d / INDEX_FILE)
         if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
             raise ValueError(f"{d / INDEX_FILE} has no weight_map: the checkpoint index is damaged")
-        out: dict[str, torch.Tensor] = {}
-        for fname in sorted(set(index["weight_map"].values())):
-            out.update(_load_file(d / fname))
-        return out
+        return {k: v for fname in sorted(set(index["weight_map"].values())) for k, v in _load_file(d / fname).items()}
     if (d / SAFE_FILE).is_file():
         return _load_file(d / SAFE_FILE)
     raise FileNotFoundError(f"{d} holds neither {SAFE_FILE} nor {INDEX_FILE}")

@@ -28,6 +28,7 @@ from torch import nn
 from ..architectures import architecture, hub_name, kept_modules
 from ..layers import QuantLinear, QuantLinearW8A8
 from ..packing import pack
+from ..quant import dequantize_weight
 from .common import (DEFAULT_SHARD_SIZE, checkpoint_tensors, finish_foreign, put_layer, quantization_config,
                      refuse_grouped_act_order, refuse_ragged_groups, require_quant_layers, start_load, take_layer,
                      write_checkpoint)
@@ -43,9 +44,8 @@ def layer_scheme(name: str, m: nn.Module) -> tuple[dict[str, Any], str]:
     """The compressed-tensors scheme (as a dict for ``QuantizationScheme``) and format of a layer,
     or a refusal naming the layer and what would work."""
     if isinstance(m, QuantLinearW8A8):
-        acts = ({"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
-                if m.input_scale is None else
-                {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False})
+        acts = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token" if m.input_scale is None else "tensor",
+                "dynamic": m.input_scale is None}                # per-token dynamic or per-tensor static
         return {"weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
                 "input_activations": acts}, INT
     k, g = m.in_features, m.scales.shape[0]
@@ -71,13 +71,10 @@ def compress_layer(m: nn.Module, scheme: Any, fmt: str) -> dict[str, torch.Tenso
             state["input_scale"] = m.input_scale.reshape(1).float()
     else:
         codes, _ = original_order(m)                             # [N, K] original column order
-        offset = 2 ** (m.bits - 1)
-        gidx = torch.arange(m.in_features, device=codes.device) // m.group_len
         scales = m.scales.t().float()                            # [N, G]
         zeros = m.zeros.t().to(torch.int16)                      # [N, G]
-        w = (codes.to(torch.float32) - zeros[:, gidx].float()) * scales[:, gidx]   # [N, K] exact
-        state = {"weight": w, "weight_scale": scales,
-                 "weight_zero_point": (zeros - offset).to(torch.int8)}
+        state = {"weight": dequantize_weight(codes, scales, zeros, m.group_len),  # [N, K] fp32, exact
+                 "weight_scale": scales, "weight_zero_point": (zeros - 2 ** (m.bits - 1)).to(torch.int8)}
     out = BaseCompressor.get_value_from_registry(fmt).compress(state, scheme)
     if isinstance(m, QuantLinear):                               # scales back to the layer's dtype (exact)
         out = {k: v.to(m.scales.dtype) if v.is_floating_point() else v for k, v in out.items()}

@@ -173,13 +173,6 @@ def gptq_config(bits: int, group_size: int, desc_act: bool, sym: bool, version: 
     return cfg
 
 
-def in_block_names(model: nn.Module) -> list[str] | None:
-    """The quantized linears of a block by name inside it, when every block has the same (else None)."""
-    path, blocks = find_blocks(model)
-    names = [sorted(n for n, m in b.named_modules() if isinstance(m, QuantLinear)) for b in blocks]
-    return names[0] if names and all(n == names[0] for n in names) else None
-
-
 def save_gptq(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, report: Any = None,
               checkpoint_format: str = "gptq", dtype: torch.dtype | None = None,
               max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
@@ -197,8 +190,10 @@ def save_gptq(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, 
     tensors = checkpoint_tensors(model, layers, lambda name, m: to_gptq(m, checkpoint_format))
     desc_act = any(m.perm is not None and m.group_len < m.in_features for m in layers.values())
     sym = all(is_sym(m) for m in layers.values())
+    names = [sorted(n for n, m in b.named_modules() if isinstance(m, QuantLinear)) for b in find_blocks(model)[1]]
+    in_block = names[0] if names and all(n == names[0] for n in names) else None  # the same in every block, else None
     qcfg = gptq_config(bits, group_size, desc_act, sym, checkpoint_format, skipped_block_linears(model),
-                       getattr(model, "ptqkit_info", None) or {}, in_block_names(model))
+                       getattr(model, "ptqkit_info", None) or {}, in_block)
     out = write_checkpoint(path, model, tensors, "gptq", tokenizer, report, max_shard_size, qcfg, dtype)
     log.info("saved %d GPTQ layers (%d-bit, group %d, %s) to %s", len(layers), bits, group_size,
              checkpoint_format, out)

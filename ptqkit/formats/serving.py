@@ -193,13 +193,10 @@ def scheme_of(model: nn.Module, dtype: torch.dtype | None, gptq_version: str = "
     q = [m for m in layers.values() if isinstance(m, QuantLinear)]
     sym = all(bool((m.zeros == 2 ** (m.bits - 1)).all()) for m in q)
     act = any(m.perm is not None and m.group_len < m.in_features for m in q)
-    return Scheme(first.bits, first.group_size, sym, act, None, dtype, shapes, gptq_version, _uniform(model, layers))
-
-
-def _uniform(model: nn.Module, layers: dict[str, nn.Module]) -> bool:
     path, blocks = find_blocks(model)
     per_block = [{n[len(f"{path}.{i}."):] for n in layers if n.startswith(f"{path}.{i}.")} for i in range(len(blocks))]
-    return all(p == per_block[0] for p in per_block)
+    uniform = all(p == per_block[0] for p in per_block)
+    return Scheme(first.bits, first.group_size, sym, act, None, dtype, shapes, gptq_version, uniform)
 
 
 def planned(qcfg: object, shapes: dict[str, tuple[int, int]], dtype: torch.dtype) -> Scheme:

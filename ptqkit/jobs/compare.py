@@ -166,11 +166,6 @@ class CachedBaseline(nn.Module):
         return logits
 
 
-def _weights_digest(model: nn.Module) -> str:
-    with torch.no_grad():
-        return _digest([(n, float(p.double().sum()), list(p.shape)) for n, p in model.state_dict().items()])
-
-
 @dataclass
 class _Setup:
     """What every combination of one ``compare`` run shares."""
@@ -223,9 +218,7 @@ def _previous(out: Path) -> dict[str, Any]:
         raise ValueError(f"{out / RESULTS_JSON} exists and is not a ptqkit comparison: use another --output")
     if not results and out.is_dir() and any(out.iterdir()):
         raise ValueError(f"--output {out} holds other files and no earlier comparison: use a new directory")
-    results.setdefault("runs", {})
-    results.setdefault("baselines", {})
-    return results
+    return results or {"runs": {}, "baselines": {}}  # a non-empty one has both (checked above)
 
 
 def _run_one(s: _Setup, c: Combination, key: str, results: dict[str, Any], out: Path, save_format: str | None,
@@ -271,7 +264,8 @@ def compare(model: str | tuple[nn.Module, Any] = DEFAULT_MODEL, methods: Sequenc
     fp, tok = api.load_model(model) if isinstance(model, (str, os.PathLike)) else model
     model = str(model) if isinstance(model, (str, os.PathLike)) else fp.config._name_or_path or type(fp).__name__
     calib = load_calibration(cal.source, tok, num_samples=cal.num_samples, seqlen=cal.seqlen, seed=cal.seed)
-    bkey = _digest([model, _weights_digest(fp), dataclasses.asdict(ev)])
+    weights = _digest([(n, float(p.double().sum()), list(p.shape)) for n, p in fp.state_dict().items()])
+    bkey = _digest([model, weights, dataclasses.asdict(ev)])
     s = _Setup(model, fp, tok, calib, load_eval_ids(ev.dataset, tok), ev,
                CachedBaseline(fp, out / CACHE_DIR / f"fp-logits-{bkey}"),
                dict(seed=cal.seed, ignore=ignore, device=device, batch_size=batch_size, pipeline=pipeline))
@@ -297,7 +291,7 @@ def compare(model: str | tuple[nn.Module, Any] = DEFAULT_MODEL, methods: Sequenc
     plot_ppl_by_bits(done, base["ppl"], out / PLOT_BITS)
     plot_size_vs_ppl(done, base["ppl"], base["size_mb"], out / PLOT_SIZE)
     if len(done) == len(rows) and not keep_cache:  # only the cache this run owns: its own name, its own key
-        shutil.rmtree(out / CACHE_DIR / f"fp-logits-{bkey}", ignore_errors=True)
+        shutil.rmtree(s.baseline.directory, ignore_errors=True)
         if (out / CACHE_DIR).is_dir() and not any((out / CACHE_DIR).iterdir()):
             (out / CACHE_DIR).rmdir()
     return results

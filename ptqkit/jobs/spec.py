@@ -128,10 +128,6 @@ def _fields(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)]
 
 
-def _section(hint: Any) -> type | None:
-    return next((a for a in (hint, *get_args(hint)) if dataclasses.is_dataclass(a)), None)
-
-
 def _type_name(hint: Any) -> str:
     args = get_args(hint)
     if get_origin(hint) is list:
@@ -158,7 +154,7 @@ def _problem(e: Any, data: dict[str, Any], at: Any) -> tuple[str, str]:
             break
         path.append(el)
         hint, value = get_type_hints(cls)[el], value.get(el)
-        cls = _section(hint)
+        cls = next((a for a in (hint, *get_args(hint)) if dataclasses.is_dataclass(a)), None)  # a section's class
     key = ".".join(path)
     if e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
         bad = str(e["loc"][len(path)])

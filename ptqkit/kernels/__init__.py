@@ -19,15 +19,6 @@ KINDS = ("wxa16", "w8a8")
 _REFERENCE = {"wxa16": reference.wxa16_linear, "w8a8": reference.w8a8_linear}
 
 
-def _triton_impl(kind: str) -> Callable | None:
-    try:
-        mod = importlib.import_module(f"ptqkit.kernels.triton_{kind}")
-    except ImportError as e:  # triton missing, or the kernel module not built for this kind
-        log.debug("triton kernel %s unavailable: %s", kind, e)
-        return None
-    return getattr(mod, f"{kind}_linear", None)
-
-
 def select(device: torch.device | str, kind: str = "wxa16") -> Callable:
     """The linear function for ``kind`` on ``device`` (same signature as the reference one)."""
     if kind not in KINDS:
@@ -38,9 +29,10 @@ def select(device: torch.device | str, kind: str = "wxa16") -> Callable:
     if forced == "reference":
         return _REFERENCE[kind]
     if forced == "triton" or torch.device(device).type == "cuda":
-        impl = _triton_impl(kind)
-        if impl is not None:
-            return impl
+        try:  # every kind has its module, triton_<kind>.py, defining <kind>_linear
+            return getattr(importlib.import_module(f"ptqkit.kernels.triton_{kind}"), f"{kind}_linear")
+        except ImportError as e:  # triton missing
+            log.debug("triton kernel %s unavailable: %s", kind, e)
         if forced == "triton":
             raise RuntimeError(f"PTQKIT_KERNEL=triton but the Triton {kind} kernel could not be imported")
     return _REFERENCE[kind]

@@ -175,14 +175,11 @@ class ConfigStore:
         self.best[key] = cfg
         log.info("%s %s -> %s (%.1f us, %d candidates)", self.name, key, cfg, t, len(candidates))
         if persist:
-            self._persist(key, cfg, device)
+            entries = self._disk_entries(device)
+            entries[repr(key)] = cfg
+            path = self._path(device)
+            try:
+                write_json(path, entries)  # atomically
+            except OSError as e:
+                log.warning("%s: cannot write the config cache %s (%s); keeping it in memory", self.name, path, e)
         return cfg, timings
-
-    def _persist(self, key: Hashable, cfg: Config, device: torch.device) -> None:
-        entries = self._disk_entries(device)
-        entries[repr(key)] = cfg
-        path = self._path(device)
-        try:
-            write_json(path, entries)  # atomically
-        except OSError as e:
-            log.warning("%s: cannot write the config cache %s (%s); keeping it in memory", self.name, path, e)

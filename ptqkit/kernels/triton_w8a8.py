@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import logging
 from typing import Callable
 
 import torch
@@ -22,8 +21,6 @@ import triton.language as tl
 
 from .autotune import (Config, ConfigStore, autotune_enabled, can_time, check_device, interpreting,
                        m_class, next_pow2)
-
-log = logging.getLogger(__name__)
 
 STORE = ConfigStore("w8a8")
 _PATHS: dict[tuple, Config] = {}   # per problem: the config a call uses (computed once)

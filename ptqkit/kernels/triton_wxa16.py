@@ -26,7 +26,6 @@ reference; only the fp32 summation order differs.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +36,6 @@ from ..quant import num_groups
 from . import triton_gemv as tg
 from .autotune import (Config, ConfigStore, autotune_enabled, can_time, capability, check_device,
                        interpreting, m_class, split_k_for)
-
-log = logging.getLogger(__name__)
 
 FUSED_MAX_M = 64    # above this many rows only dequantize + cuBLAS is considered (the fused
                     # kernel's x gather and accumulator outgrow the registers: benchmarks/sass_count.py shows spills)
