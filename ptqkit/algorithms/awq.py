@@ -336,7 +336,7 @@ class AWQ(Transform):
         best = int(torch.argmin(losses))
         # prev's output divided, the linears' input columns multiplied; their inputs' statistics follow
         fold_scales(block.get_submodule(fold.prev), [block.get_submodule(n) for n in fold.linears], cands[best],
-                    fold.norm_offset, cands_p[best])
+                    fold.norm_offset, cands_p[best])  # (fp64 then one rounding: the same bits as fp32 division for offset 0)
         for reader in {id(r): r for r in (ctx.stats.get(n) for n in fold.linears) if r is not None}.values():
             reader.rescale(cands[best])
         return {"prev": fold.prev, "linears": fold.linears, "alpha": best / cfg.n_grid,

@@ -214,8 +214,11 @@ def detach_offload(model: nn.Module, blocks: nn.ModuleList) -> WeightsMaps:
     """Take an accelerate-offloaded ``model`` off its hooks; returns the weights maps of the modules
     whose parameters are still on ``meta`` (inside decoder blocks). Modules outside the blocks are read
     into host memory now. A model without offloaded modules is left as it is (returns ``{}``)."""
-    hooks = [(m, getattr(m, "_hf_hook", None)) for m in model.modules()]
-    maps = {m: h.weights_map for m, h in hooks if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None}
+    maps: WeightsMaps = {}
+    for m in model.modules():
+        hook = getattr(m, "_hf_hook", None)  # accelerate's: offload=True and a weights map for an offloaded module
+        if getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None:
+            maps[m] = hook.weights_map
     if not maps:
         meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
         if meta:
